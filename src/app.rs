@@ -1,0 +1,155 @@
+//! Running the service: the HTTP server and/or the queue workers in one process, with
+//! a graceful shutdown of both on SIGINT/SIGTERM.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Settings,
+    db,
+    http::{self, AppState, Role},
+    mail::Mailer,
+    queue::{self, deliver::Deliverer},
+    telemetry,
+};
+
+/// A started service: where it listens and how to stop it.
+pub struct RunningApp {
+    pub addr: SocketAddr,
+    pub pool: sqlx::PgPool,
+    pub shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningApp {
+    /// Asks both parts to stop and waits for them (the workers within their timeout).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await.context("service task panicked")?
+    }
+
+    /// Waits until the service stops by itself or `shutdown` is cancelled.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.handle.await.context("service task panicked")?
+    }
+}
+
+/// Starts the parts of `role` on `listener`. The database must be migrated.
+pub async fn start(
+    settings: Settings,
+    role: Role,
+    listener: TcpListener,
+) -> anyhow::Result<RunningApp> {
+    telemetry::init_metrics();
+    let settings = Arc::new(settings);
+    let pool = db::connect(&settings.database)
+        .await
+        .context("database.url: cannot connect")?;
+    if !db::migrations_applied(&pool).await {
+        anyhow::bail!("the database is not migrated: run `invite-worker migrate` first");
+    }
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+
+    let workers = if role == Role::Api {
+        None
+    } else {
+        let deliverer = Arc::new(Deliverer {
+            pool: pool.clone(),
+            mailer: Arc::new(Mailer::new(&settings)?),
+            settings: settings.clone(),
+        });
+        let settings = settings.clone();
+        let stop = shutdown.clone();
+        Some(tokio::spawn(async move {
+            queue::worker::run(deliverer, &settings, stop).await
+        }))
+    };
+
+    let state = AppState {
+        pool: pool.clone(),
+        settings: settings.clone(),
+        role,
+    };
+    let router = http::router(state);
+    let stop = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        let server =
+            axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let http_result = server.await;
+        // Whichever part stops first takes the other down with it.
+        stop.cancel();
+        tracing::info!("HTTP server stopped");
+        if let Some(workers) = workers {
+            match workers.await {
+                Ok(Ok(())) => tracing::info!("queue workers stopped"),
+                Ok(Err(e)) => tracing::error!(error = %e, "queue workers stopped with an error"),
+                Err(e) => tracing::error!(error = %e, "queue workers panicked"),
+            }
+        }
+        http_result.context("HTTP server failed")
+    });
+    tracing::info!(%addr, ?role, "invite-worker listening");
+    Ok(RunningApp {
+        addr,
+        pool,
+        shutdown,
+        handle,
+    })
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        token.cancel();
+    });
+}
+
+/// `serve`, `api`, `work`: runs until a signal.
+pub async fn run(settings: Settings, role: Role) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(settings.http.bind)
+        .await
+        .with_context(|| format!("http.bind: cannot listen on {}", settings.http.bind))?;
+    let app = start(settings, role, listener).await?;
+    cancel_on_signal(app.shutdown.clone());
+    app.wait().await
+}
+
+/// `migrate`: creates the database if missing, applies every migration.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database.url.expose();
+    db::create_database_if_missing(url)
+        .await
+        .context("database.url: cannot create the database")?;
+    let pool = db::connect(&settings.database)
+        .await
+        .context("database.url: cannot connect")?;
+    db::migrate(&pool).await.context("migrations failed")?;
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! The worker's statements. Lock order everywhere: the item row, then its batch row.
+//! Every change to an item's status moves the batch tally in the same transaction.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::states::{ItemReason, ItemStatus};
+
+/// An item with what delivering it needs to know, read under the item's row lock.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LockedItem {
+    pub id: Uuid,
+    pub batch_id: Uuid,
+    pub task_id: String,
+    pub status: String,
+    pub attempts: i32,
+    pub candidate_id: String,
+    pub email: String,
+    pub name: Option<String>,
+    pub invitation_id: Option<Uuid>,
+    pub job_id: String,
+    pub job_title: String,
+    pub job_status: String,
+    pub batch_status: String,
+    pub on_duplicate: String,
+    pub duration_minutes: i32,
+}
+
+/// Locks the item (FOR UPDATE) and reads it with its batch and job.
+pub async fn lock_item(tx: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Option<LockedItem>> {
+    sqlx::query_as(
+        "SELECT i.id, i.batch_id, i.task_id, i.status, i.attempts, i.candidate_id, i.email,
+                i.name, i.invitation_id, b.job_id, j.title AS job_title, j.status AS job_status,
+                b.status AS batch_status, b.on_duplicate, b.duration_minutes
+         FROM batch_items i
+         JOIN batches b ON b.id = i.batch_id
+         JOIN jobs j ON j.id = b.job_id
+         WHERE i.id = $1
+         FOR UPDATE OF i",
+    )
+    .bind(item_id)
+    .fetch_optional(&mut *tx)
+    .await
+}
+
+/// `queued → running` on the first item a worker picks up.
+pub async fn mark_batch_running(tx: &mut PgConnection, batch_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("UPDATE batches SET status = 'running' WHERE id = $1 AND status = 'queued'")
+        .bind(batch_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Serialises the duplicate check and the minting of an invitation for one
+/// (job, candidate), so two batches racing for one candidate cannot both invite them.
+pub async fn lock_candidate_for_job(
+    tx: &mut PgConnection,
+    job_id: &str,
+    candidate_id: &str,
+) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7141))")
+        .bind(job_id)
+        .bind(candidate_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Whether the candidate holds a live invitation for the job other than `own`.
+pub async fn has_other_live_invitation(
+    tx: &mut PgConnection,
+    job_id: &str,
+    candidate_id: &str,
+    own: Option<Uuid>,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+            SELECT 1 FROM invitations
+            WHERE job_id = $1 AND candidate_id = $2 AND id IS DISTINCT FROM $3
+              AND (status = 'IN_PROGRESS' OR (status = 'PENDING' AND expires_at > now())))",
+    )
+    .bind(job_id)
+    .bind(candidate_id)
+    .bind(own)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Records a new invitation for the item (its link is derived from the id) and links
+/// the item to it.
+#[allow(clippy::too_many_arguments)]
+pub async fn insert_invitation(
+    tx: &mut PgConnection,
+    invitation_id: Uuid,
+    item: &LockedItem,
+    token_hash: &[u8; 32],
+    ttl_hours: u32,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO invitations (id, job_id, candidate_id, batch_id, item_id, token_hash,
+                                  duration_minutes, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(hours => $8))",
+    )
+    .bind(invitation_id)
+    .bind(&item.job_id)
+    .bind(&item.candidate_id)
+    .bind(item.batch_id)
+    .bind(item.id)
+    .bind(&token_hash[..])
+    .bind(item.duration_minutes)
+    .bind(i32::try_from(ttl_hours).unwrap_or(i32::MAX))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE batch_items SET invitation_id = $2 WHERE id = $1")
+        .bind(item.id)
+        .bind(invitation_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Counts one more send attempt for the item; returns the new count.
+pub async fn begin_attempt(tx: &mut PgConnection, item_id: Uuid) -> sqlx::Result<i32> {
+    sqlx::query_scalar(
+        "UPDATE batch_items SET attempts = attempts + 1, next_attempt_at = NULL, updated_at = now()
+         WHERE id = $1 RETURNING attempts",
+    )
+    .bind(item_id)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Ends the item in `sent`, `failed` or `skipped` and moves the batch tally with it;
+/// the batch completes when this was its last pending item. A failed or skipped item's
+/// invitation (if one was minted) is revoked: its link must never work.
+pub async fn finish_item(
+    tx: &mut PgConnection,
+    item: &LockedItem,
+    outcome: Finish<'_>,
+) -> sqlx::Result<()> {
+    let (status, reason, last_error) = match outcome {
+        Finish::Sent => (ItemStatus::Sent, None, None),
+        Finish::Ended { reason, last_error } => (reason.status(), Some(reason), last_error),
+    };
+    sqlx::query(
+        "UPDATE batch_items
+            SET status = $2, reason = $3, last_error = COALESCE($4, last_error),
+                next_attempt_at = NULL, updated_at = now(),
+                sent_at = CASE WHEN $2 = 'sent' THEN now() ELSE sent_at END
+          WHERE id = $1",
+    )
+    .bind(item.id)
+    .bind(status.as_str())
+    .bind(reason.map(ItemReason::as_str))
+    .bind(last_error)
+    .execute(&mut *tx)
+    .await?;
+
+    if let Some(invitation_id) = item.invitation_id {
+        if status == ItemStatus::Sent {
+            sqlx::query(
+                "UPDATE invitations i
+                    SET sent_at = now(),
+                        expires_at = now() + (i.expires_at - i.created_at)
+                  WHERE id = $1",
+            )
+            .bind(invitation_id)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            revoke_unsent(tx, invitation_id).await?;
+        }
+    }
+
+    sqlx::query(
+        "UPDATE batches
+            SET pending = pending - 1,
+                sent    = sent    + ($2 = 'sent')::int,
+                failed  = failed  + ($2 = 'failed')::int,
+                skipped = skipped + ($2 = 'skipped')::int,
+                status = CASE WHEN pending = 1 THEN 'completed' ELSE 'running' END,
+                completed_at = CASE WHEN pending = 1 THEN now() ELSE NULL END
+          WHERE id = $1",
+    )
+    .bind(item.batch_id)
+    .bind(status.as_str())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// How an item ends.
+#[derive(Debug, Clone, Copy)]
+pub enum Finish<'a> {
+    Sent,
+    Ended {
+        reason: ItemReason,
+        last_error: Option<&'a str>,
+    },
+}
+
+async fn revoke_unsent(tx: &mut PgConnection, invitation_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE invitations SET status = 'REVOKED', revoked_at = now()
+         WHERE id = $1 AND status = 'PENDING'",
+    )
+    .bind(invitation_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Adds a warning to the batch unless the same one is there already.
+pub async fn add_warning(
+    tx: &mut PgConnection,
+    batch_id: Uuid,
+    candidate_id: &str,
+    code: &str,
+    message: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE batches
+            SET warnings = warnings || jsonb_build_array(
+                    jsonb_build_object('candidate_id', $2::text, 'code', $3::text, 'message', $4::text))
+          WHERE id = $1
+            AND NOT warnings @> jsonb_build_array(
+                    jsonb_build_object('candidate_id', $2::text, 'code', $3::text))",
+    )
+    .bind(batch_id)
+    .bind(candidate_id)
+    .bind(code)
+    .bind(message)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Notes a transient failure and hands the item to a new queue task that runs at
+/// `run_at`; the caller pushes that task in the same transaction.
+pub async fn schedule_retry(
+    tx: &mut PgConnection,
+    item_id: Uuid,
+    new_task_id: &str,
+    last_error: &str,
+    run_at: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE batch_items
+            SET task_id = $2, last_error = $3, next_attempt_at = $4, updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(item_id)
+    .bind(new_task_id)
+    .bind(last_error)
+    .bind(run_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

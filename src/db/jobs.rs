@@ -1,0 +1,49 @@
+//! Job openings.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgExecutor;
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Job {
+    pub id: String,
+    pub title: String,
+    /// `open` or `closed`.
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Creates or updates a job; the flag says whether it was created.
+pub async fn upsert(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    title: &str,
+    status: &str,
+) -> sqlx::Result<(Job, bool)> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        job: Job,
+        created: bool,
+    }
+    let row: Row = sqlx::query_as(
+        "INSERT INTO jobs (id, title, status) VALUES ($1, $2, $3)
+         ON CONFLICT (id) DO UPDATE
+            SET title = EXCLUDED.title, status = EXCLUDED.status, updated_at = now()
+         RETURNING id, title, status, created_at, updated_at, (xmax = 0) AS created",
+    )
+    .bind(id)
+    .bind(title)
+    .bind(status)
+    .fetch_one(db)
+    .await?;
+    Ok((row.job, row.created))
+}
+
+pub async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as("SELECT id, title, status, created_at, updated_at FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}

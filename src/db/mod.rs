@@ -1,0 +1,77 @@
+//! Every SQL statement of the service. Queries are checked at run time (no build-time
+//! database), and each function says which rows it locks and why.
+
+pub mod batches;
+pub mod delivery;
+pub mod jobs;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    ConnectOptions, Connection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::config::DatabaseSettings;
+
+/// The app's own migrations (`migrations/`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Creates the database named in `url` if it does not exist yet.
+pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(url)?;
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut conn = options.clone().database("postgres").connect().await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let sql = format!("CREATE DATABASE {quoted}");
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Two processes racing to create it: the other one won, which is fine.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+/// Applies apalis-postgres' migrations (schema `apalis`) and then the app's.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    apalis_postgres::PostgresStorage::setup(pool).await?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// True when every migration this binary knows of has been applied.
+pub async fn migrations_applied(pool: &PgPool) -> bool {
+    let applied: Result<Vec<i64>, _> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await;
+    match applied {
+        Ok(applied) => MIGRATOR.iter().all(|m| applied.contains(&m.version)),
+        Err(_) => false,
+    }
+}
+
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    let options =
+        PgConnectOptions::from_str(settings.url.expose())?.application_name("invite-worker");
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}

@@ -1,0 +1,195 @@
+//! `invite-worker demo`: the main job, end to end, in one process and one command.
+//!
+//! Migrates the configured database (creating it if missing), starts the API and the
+//! workers with the `file` mail transport, registers a job, submits one batch of 100
+//! candidates (6 with invalid addresses) through the real HTTP API, shows progress
+//! until the batch completes, prints the tally and where the messages went, then exits.
+
+use std::{
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::{
+    app,
+    config::{MailTransport, Settings},
+    http::Role,
+};
+
+const FIRST: [&str; 10] = [
+    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Leslie",
+];
+const LAST: [&str; 10] = [
+    "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson", "Perlman",
+    "Lamport",
+];
+/// Six addresses no mail server will ever see.
+const INVALID: [&str; 6] = [
+    "not-an-email",
+    "ada.lovelace@",
+    "@example.com",
+    "grace..hopper@example.com",
+    "alan turing@example.com",
+    "edsger@localhost",
+];
+
+/// The candidates of the demo batch: 100, every 16th or so with an invalid address.
+pub fn candidates(run: &str) -> Vec<Value> {
+    (0..100)
+        .map(|i| {
+            let first = FIRST[i % FIRST.len()];
+            let last = LAST[(i / FIRST.len()) % LAST.len()];
+            let email = if i % 17 == 5 && i / 17 < INVALID.len() {
+                INVALID[i / 17].to_owned()
+            } else {
+                format!("{}.{}.{i}@example.com", first.to_lowercase(), last.to_lowercase())
+            };
+            json!({"id": format!("{run}-c{i:03}"), "email": email, "name": format!("{first} {last}")})
+        })
+        .collect()
+}
+
+pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
+    settings.mail.transport = MailTransport::File;
+    let outbox =
+        std::path::absolute(&settings.mail.outbox_dir).unwrap_or(settings.mail.outbox_dir.clone());
+    println!("invite-worker demo");
+    println!("  database  {}", redact_url(settings.database.url.expose()));
+    app::migrate(&settings).await?;
+    println!("  migrated  (app and queue schemas)");
+
+    let listener = match TcpListener::bind(settings.http.bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            println!(
+                "  note      {} is busy ({e}); using a free port instead",
+                settings.http.bind
+            );
+            TcpListener::bind((settings.http.bind.ip(), 0)).await?
+        }
+    };
+    let key = settings
+        .api
+        .keys
+        .first()
+        .map(|k| k.expose().to_owned())
+        .unwrap_or_default();
+    let service = app::start(settings, Role::All, listener).await?;
+    let base = format!("http://{}", service.addr);
+    println!("  serving   {base} (API and workers in this process)");
+
+    let outcome = drive(&base, &key).await;
+    let stopped = service.stop().await;
+    let (tally, batch_id, job_id) = outcome?;
+    stopped?;
+
+    println!();
+    println!("Result: {tally}");
+    println!(
+        "  messages  written to {} (one .eml per candidate)",
+        outbox.display()
+    );
+    println!();
+    println!("Try it by hand:");
+    println!("  cargo run --release -- serve      # in one terminal, then in another:");
+    println!("  curl -s -H 'Authorization: Bearer {key}' {base}/v1/batches/{batch_id}");
+    println!(
+        "  curl -s -H 'Authorization: Bearer {key}' '{base}/v1/batches/{batch_id}/items?status=failed'"
+    );
+    println!(
+        "  curl -s -X PUT -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\"
+    );
+    println!(
+        "       -d '{{\"title\": \"Data Engineer\", \"status\": \"open\"}}' {base}/v1/jobs/job-1"
+    );
+    println!("  (the job of this run is {job_id}; see README.md for every route)");
+    if tally != "94 sent, 6 failed" {
+        bail!("the demo batch ended with {tally:?}, expected \"94 sent, 6 failed\"");
+    }
+    Ok(())
+}
+
+/// Registers the job, submits the batch and waits for it, over HTTP.
+async fn drive(base: &str, key: &str) -> anyhow::Result<(String, String, String)> {
+    let client = reqwest::Client::new();
+    let run = format!("demo-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+    let job_id = format!("{run}-job");
+    let response = client
+        .put(format!("{base}/v1/jobs/{job_id}"))
+        .bearer_auth(key)
+        .json(&json!({"title": "Backend Engineer", "status": "open"}))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("registering the job failed: {}", response.text().await?);
+    }
+    println!("  job       {job_id} (Backend Engineer, open)");
+
+    let started = Instant::now();
+    let response = client
+        .post(format!("{base}/v1/batches"))
+        .bearer_auth(key)
+        .json(&json!({
+            "job_id": job_id, "duration_minutes": 30,
+            "candidates": candidates(&run), "expected_count": 100,
+        }))
+        .send()
+        .await?;
+    if response.status() != reqwest::StatusCode::ACCEPTED {
+        bail!("submitting the batch failed: {}", response.text().await?);
+    }
+    let batch: Value = response.json().await?;
+    let batch_id = batch["id"]
+        .as_str()
+        .context("the batch has no id")?
+        .to_owned();
+    println!("  batch     {batch_id}: 100 candidates, 6 with invalid addresses");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let batch: Value = client
+            .get(format!("{base}/v1/batches/{batch_id}"))
+            .bearer_auth(key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let counts = &batch["counts"];
+        print!(
+            "\r  progress  {:>3} pending, {:>3} sent, {:>3} failed, {:>3} skipped  [{:.1} s]   ",
+            counts["pending"],
+            counts["sent"],
+            counts["failed"],
+            counts["skipped"],
+            started.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stdout().flush();
+        if batch["status"] == "completed" {
+            println!();
+            let summary = batch["summary"].as_str().unwrap_or_default().to_owned();
+            return Ok((summary, batch_id, job_id));
+        }
+        if Instant::now() > deadline {
+            println!();
+            bail!("the batch did not complete within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,107 @@
+//! Candidate email addresses: parsed once, with the rules the mailer uses.
+
+use std::{fmt, str::FromStr};
+
+use email_address::{EmailAddress, Options};
+
+/// An address that lettre will accept as a recipient: `local@domain.tld`, no display
+/// text, no domain literal, at most 64 characters before the `@` and 254 in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateEmail(String);
+
+/// Why an address is not one we can send to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidEmail(String);
+
+impl CandidateEmail {
+    pub fn parse(raw: &str) -> Result<Self, InvalidEmail> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(InvalidEmail("the address is empty".into()));
+        }
+        if trimmed.len() > 254 {
+            return Err(InvalidEmail(
+                "the address is longer than 254 characters".into(),
+            ));
+        }
+        if trimmed.chars().any(|c| c.is_control()) {
+            return Err(InvalidEmail(
+                "the address contains control characters".into(),
+            ));
+        }
+        let options = Options::default()
+            .with_required_tld()
+            .without_domain_literal()
+            .without_display_text();
+        let parsed = EmailAddress::parse_with_options(trimmed, options)
+            .map_err(|e| InvalidEmail(format!("not a valid email address: {e}")))?;
+        if parsed.local_part().len() > 64 {
+            return Err(InvalidEmail(
+                "the part before @ is longer than 64 characters".into(),
+            ));
+        }
+        // The mailer's own parser is the final word: what it refuses is not an address.
+        lettre::Address::from_str(trimmed)
+            .map_err(|e| InvalidEmail(format!("not a valid email address: {e}")))?;
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CandidateEmail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An address as logs may show it: the first character of the local part, then `***`,
+/// then the domain (`a***@example.com`). Anything without an `@` becomes `***`.
+pub fn mask(address: &str) -> String {
+    match address.trim().rsplit_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).filter(|c| !c.is_control()).collect();
+            let domain: String = domain.chars().filter(|c| !c.is_control()).collect();
+            format!("{first}***@{domain}")
+        }
+        None => "***".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_addresses_parse_and_are_trimmed() {
+        let e = CandidateEmail::parse("  ada@example.com ").expect("valid");
+        assert_eq!(e.as_str(), "ada@example.com");
+        assert!(CandidateEmail::parse("first.last+tag@sub.example.co.uk").is_ok());
+    }
+
+    #[test]
+    fn addresses_the_mailer_would_refuse_do_not_parse() {
+        for bad in [
+            "",
+            "not-an-email",
+            "a@b",
+            "john..doe@example.com",
+            "Ada <ada@example.com>",
+            "a@[127.0.0.1]",
+            "ada@example.com\r\nBcc: x@example.com",
+            "ada@exa mple.com",
+            &format!("{}@example.com", "a".repeat(65)),
+        ] {
+            assert!(CandidateEmail::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn masking_keeps_the_first_letter_and_the_domain() {
+        assert_eq!(mask("ada@example.com"), "a***@example.com");
+        assert_eq!(mask("nonsense"), "***");
+    }
+}

@@ -1,0 +1,125 @@
+//! The states of batches, items and invitations, as the API names them. The database
+//! enforces the same sets and transitions (see `migrations/`).
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        pub enum $name {
+            $(#[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                match text {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// `queued` (nothing started) → `running` → `completed`; `cancelled` after a cancel;
+    /// a retry moves a completed batch back to `running`.
+    BatchStatus {
+        Queued = "queued",
+        Running = "running",
+        Completed = "completed",
+        Cancelled = "cancelled",
+    }
+}
+
+string_enum! {
+    /// `pending` until the item is `sent`, `failed` or `skipped`; a retry moves `failed`
+    /// back to `pending`.
+    ItemStatus {
+        Pending = "pending",
+        Sent = "sent",
+        Failed = "failed",
+        Skipped = "skipped",
+    }
+}
+
+string_enum! {
+    /// Why an item failed or was skipped.
+    ItemReason {
+        InvalidEmail = "invalid_email",
+        Rejected = "rejected",
+        RetriesExhausted = "retries_exhausted",
+        AlreadyInvited = "already_invited",
+        JobClosed = "job_closed",
+        Cancelled = "cancelled",
+    }
+}
+
+impl ItemReason {
+    /// The status an item with this reason is in.
+    pub fn status(self) -> ItemStatus {
+        match self {
+            Self::InvalidEmail | Self::Rejected | Self::RetriesExhausted => ItemStatus::Failed,
+            Self::AlreadyInvited | Self::JobClosed | Self::Cancelled => ItemStatus::Skipped,
+        }
+    }
+}
+
+string_enum! {
+    /// `PENDING` (link not used yet) → `IN_PROGRESS` (redeemed) → `COMPLETED`;
+    /// `PENDING` → `REVOKED`; a `PENDING` link past its expiry reads as `EXPIRED`.
+    InvitationStatus {
+        Pending = "PENDING",
+        InProgress = "IN_PROGRESS",
+        Completed = "COMPLETED",
+        Expired = "EXPIRED",
+        Revoked = "REVOKED",
+    }
+}
+
+string_enum! {
+    /// What to do with a candidate who already holds a live invitation for the job.
+    OnDuplicate {
+        Skip = "skip",
+        Send = "send",
+    }
+}
+
+string_enum! {
+    /// A job opening's state.
+    JobStatus {
+        Open = "open",
+        Closed = "closed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_belongs_to_a_terminal_status() {
+        for reason in ItemReason::ALL {
+            assert!(matches!(
+                reason.status(),
+                ItemStatus::Failed | ItemStatus::Skipped
+            ));
+            assert_eq!(ItemReason::parse(reason.as_str()), Some(*reason));
+        }
+    }
+}

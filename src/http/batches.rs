@@ -1,0 +1,369 @@
+//! Batches: create (one transaction with the queue tasks), read, list items.
+
+use std::collections::{HashMap, HashSet};
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    config::Settings,
+    db::{
+        self,
+        batches::{BatchRow, ItemView, NewBatch, NewItem, Warning},
+    },
+    domain::{
+        email::CandidateEmail,
+        ids::ExternalId,
+        states::{ItemStatus, OnDuplicate},
+    },
+    http::{
+        AppState,
+        error::{ApiError, ApiResult},
+        extract::{JsonBody, PathUuid, QueryParams},
+    },
+    queue::{self, NewTask},
+};
+
+/// The longest name and email string accepted (longer is a validation error).
+const MAX_NAME_CHARS: usize = 256;
+const MAX_EMAIL_CHARS: usize = 1024;
+
+/// `POST /v1/batches` (and `/v1/batches/preview`) body.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub job_id: String,
+    pub duration_minutes: i64,
+    pub candidates: Vec<CandidateInput>,
+    #[serde(default)]
+    pub expected_count: Option<i64>,
+    #[serde(default)]
+    pub on_duplicate: Option<OnDuplicate>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CandidateInput {
+    pub id: String,
+    pub email: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct Counts {
+    pub pending: i32,
+    pub sent: i32,
+    pub failed: i32,
+    pub skipped: i32,
+}
+
+/// The batch resource.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct BatchView {
+    pub id: Uuid,
+    pub job_id: String,
+    pub duration_minutes: i32,
+    pub on_duplicate: String,
+    /// `queued`, `running`, `completed` or `cancelled`.
+    pub status: String,
+    pub total: i32,
+    pub counts: Counts,
+    /// `"{sent} sent, {failed} failed"`, plus `", {skipped} skipped"` when any were.
+    pub summary: String,
+    pub warnings: Vec<Warning>,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+}
+
+/// The tally as people read it.
+pub fn summary(sent: i32, failed: i32, skipped: i32) -> String {
+    let mut s = format!("{sent} sent, {failed} failed");
+    if skipped > 0 {
+        s.push_str(&format!(", {skipped} skipped"));
+    }
+    s
+}
+
+impl From<BatchRow> for BatchView {
+    fn from(b: BatchRow) -> Self {
+        BatchView {
+            summary: summary(b.sent, b.failed, b.skipped),
+            counts: Counts {
+                pending: b.pending,
+                sent: b.sent,
+                failed: b.failed,
+                skipped: b.skipped,
+            },
+            id: b.id,
+            job_id: b.job_id,
+            duration_minutes: b.duration_minutes,
+            on_duplicate: b.on_duplicate,
+            status: b.status,
+            total: b.total,
+            warnings: b.warnings.0,
+            created_at: b.created_at,
+            completed_at: b.completed_at,
+            cancelled_at: b.cancelled_at,
+        }
+    }
+}
+
+/// One candidate that passed the checks that need no database.
+#[derive(Debug, Clone)]
+pub struct CheckedCandidate {
+    pub id: ExternalId,
+    pub email: String,
+    pub name: Option<String>,
+    /// Why the address cannot be sent to, when it cannot.
+    pub email_problem: Option<String>,
+}
+
+/// A request that passed every check that needs no database, in the order a person
+/// fixes them: shape, size, count, duplicates, duration.
+#[derive(Debug, Clone)]
+pub struct CheckedBatch {
+    pub job_id: ExternalId,
+    pub duration_minutes: i32,
+    pub on_duplicate: OnDuplicate,
+    pub candidates: Vec<CheckedCandidate>,
+}
+
+pub fn check(req: &BatchRequest, settings: &Settings) -> ApiResult<CheckedBatch> {
+    let job_id = ExternalId::parse(&req.job_id)
+        .map_err(|why| ApiError::Validation(format!("job_id: {why}")))?;
+    let mut candidates = Vec::with_capacity(req.candidates.len());
+    for (i, c) in req.candidates.iter().enumerate() {
+        let id = ExternalId::parse(&c.id)
+            .map_err(|why| ApiError::Validation(format!("candidates[{i}].id: {why}")))?;
+        if c.email.chars().count() > MAX_EMAIL_CHARS {
+            return Err(ApiError::Validation(format!(
+                "candidates[{i}].email: must be at most {MAX_EMAIL_CHARS} characters"
+            )));
+        }
+        if c.name
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > MAX_NAME_CHARS)
+        {
+            return Err(ApiError::Validation(format!(
+                "candidates[{i}].name: must be at most {MAX_NAME_CHARS} characters"
+            )));
+        }
+        candidates.push(CheckedCandidate {
+            id,
+            email: c.email.clone(),
+            name: c.name.clone(),
+            email_problem: CandidateEmail::parse(&c.email).err().map(|e| e.to_string()),
+        });
+    }
+
+    let count = candidates.len();
+    if count == 0 {
+        return Err(ApiError::EmptyBatch);
+    }
+    let max = settings.batch.max_size;
+    if count > max {
+        return Err(ApiError::BatchTooLarge {
+            count,
+            max,
+            batches: count.div_ceil(max),
+        });
+    }
+    if let Some(expected) = req.expected_count
+        && usize::try_from(expected).ok() != Some(count)
+    {
+        return Err(ApiError::CountMismatch {
+            expected,
+            actual: count,
+        });
+    }
+    let mut seen = HashSet::with_capacity(count);
+    let mut repeated: Vec<String> = Vec::new();
+    for c in &candidates {
+        if !seen.insert(c.id.as_str()) && !repeated.iter().any(|r| r == c.id.as_str()) {
+            repeated.push(c.id.to_string());
+        }
+    }
+    if !repeated.is_empty() {
+        return Err(ApiError::DuplicateCandidates(repeated));
+    }
+    let allowed = &settings.batch.durations_minutes;
+    let duration = u32::try_from(req.duration_minutes)
+        .ok()
+        .filter(|d| allowed.contains(d))
+        .ok_or_else(|| ApiError::InvalidDuration {
+            got: req.duration_minutes,
+            allowed: allowed
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    Ok(CheckedBatch {
+        job_id,
+        duration_minutes: i32::try_from(duration).unwrap_or(i32::MAX),
+        on_duplicate: req.on_duplicate.unwrap_or(OnDuplicate::Skip),
+        candidates,
+    })
+}
+
+/// The job must exist and be open. Takes a share lock on the job row inside `conn`'s
+/// transaction, so a concurrent close waits for this batch to commit (and its items
+/// are then skipped with `job_closed`, never half-enqueued).
+pub async fn check_job(conn: &mut sqlx::PgConnection, job_id: &ExternalId) -> ApiResult<()> {
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR SHARE")
+            .bind(job_id.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+    match status.as_deref() {
+        None => Err(ApiError::JobNotFound(job_id.to_string())),
+        Some("closed") => Err(ApiError::JobClosed(job_id.to_string())),
+        Some(_) => Ok(()),
+    }
+}
+
+/// What a person should read before (preview) or after (create) sending: candidates
+/// who already hold a live invitation for the job, and addresses that will fail.
+pub async fn warnings(
+    conn: &mut sqlx::PgConnection,
+    batch: &CheckedBatch,
+) -> ApiResult<(Vec<Warning>, HashSet<String>)> {
+    let ids: Vec<&str> = batch.candidates.iter().map(|c| c.id.as_str()).collect();
+    let invited: HashSet<String> =
+        db::batches::already_invited(&mut *conn, batch.job_id.as_str(), &ids)
+            .await?
+            .into_iter()
+            .collect();
+    let then = match batch.on_duplicate {
+        OnDuplicate::Skip => "it will be skipped (on_duplicate: skip)",
+        OnDuplicate::Send => "it will be sent anyway (on_duplicate: send)",
+    };
+    let mut warnings = Vec::new();
+    for c in &batch.candidates {
+        if let Some(problem) = &c.email_problem {
+            warnings.push(Warning {
+                candidate_id: c.id.to_string(),
+                code: "invalid_email".into(),
+                message: format!("{:?} cannot be emailed: {problem}", c.email),
+            });
+        } else if invited.contains(c.id.as_str()) {
+            warnings.push(Warning {
+                candidate_id: c.id.to_string(),
+                code: "already_invited".into(),
+                message: format!(
+                    "{} already holds a pending or in-progress invitation for {}; {then}",
+                    c.id, batch.job_id
+                ),
+            });
+        }
+    }
+    Ok((warnings, invited))
+}
+
+fn accepted(batch: BatchView) -> Response {
+    let location = format!("/v1/batches/{}", batch.id);
+    let mut response = (StatusCode::ACCEPTED, Json(batch)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// `POST /v1/batches`: the batch, its items and one queue task per item, in one
+/// transaction; a request that fails any check writes nothing.
+pub async fn create(
+    State(state): State<AppState>,
+    _headers: HeaderMap,
+    JsonBody(req): JsonBody<BatchRequest>,
+) -> ApiResult<Response> {
+    let checked = check(&req, &state.settings)?;
+    let mut tx = state.pool.begin().await?;
+    check_job(&mut tx, &checked.job_id).await?;
+    let (warnings, _) = warnings(&mut tx, &checked).await?;
+
+    let items: Vec<NewItem> = checked
+        .candidates
+        .iter()
+        .map(|c| NewItem {
+            id: Uuid::now_v7(),
+            task_id: queue::new_task_id(),
+            candidate_id: c.id.to_string(),
+            email: c.email.clone(),
+            name: c.name.clone(),
+        })
+        .collect();
+    let batch = NewBatch {
+        id: Uuid::now_v7(),
+        job_id: checked.job_id.to_string(),
+        duration_minutes: checked.duration_minutes,
+        on_duplicate: checked.on_duplicate.as_str().to_owned(),
+        items,
+        warnings,
+        idempotency_key: None,
+        request_hash: None,
+    };
+    let row = db::batches::insert(&mut tx, &batch).await?;
+    let tasks: Vec<NewTask<'_>> = batch
+        .items
+        .iter()
+        .map(|i| NewTask {
+            task_id: &i.task_id,
+            item_id: i.id,
+            run_after: None,
+        })
+        .collect();
+    queue::push(&mut tx, &tasks).await?;
+    tx.commit().await?;
+    metrics::counter!("batches_created_total").increment(1);
+    tracing::info!(batch = %row.id, job = %row.job_id, total = row.total, "batch enqueued");
+    Ok(accepted(row.into()))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+) -> ApiResult<Json<BatchView>> {
+    db::batches::get(&state.pool, id)
+        .await?
+        .map(|b| Json(b.into()))
+        .ok_or_else(|| ApiError::NotFound(format!("no batch with id {id}")))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ItemList {
+    pub items: Vec<ItemView>,
+}
+
+pub async fn items(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+    QueryParams(query): QueryParams<HashMap<String, String>>,
+) -> ApiResult<Json<ItemList>> {
+    let status = match query.get("status").map(String::as_str) {
+        None | Some("") => None,
+        Some(s) => Some(ItemStatus::parse(s).ok_or_else(|| {
+            ApiError::Validation(format!(
+                "status: must be one of pending, sent, failed, skipped (got {s:?})"
+            ))
+        })?),
+    };
+    if let Some(unknown) = query.keys().find(|k| k.as_str() != "status") {
+        return Err(ApiError::Validation(format!(
+            "unknown query parameter {unknown:?}"
+        )));
+    }
+    if db::batches::get(&state.pool, id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no batch with id {id}")));
+    }
+    let items = db::batches::items(&state.pool, id, status.map(ItemStatus::as_str)).await?;
+    Ok(Json(ItemList { items }))
+}

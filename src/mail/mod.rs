@@ -1,0 +1,222 @@
+//! Sending: one `Mailer` for SMTP or an outbox folder, a per-process rate limit, a
+//! whole-command timeout, and the classification every retry decision rests on.
+
+pub mod render;
+
+use std::{
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use lettre::{
+    AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    message::Mailbox,
+    transport::smtp::{
+        PoolConfig,
+        authentication::Credentials,
+        client::{Tls, TlsParameters},
+    },
+};
+
+use crate::config::{MailTransport, Settings, SmtpTls};
+
+/// Why a send did not go through, split the way the retry policy needs it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// Worth trying again later: a 4xx reply, a refused or dropped connection, a timeout.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The server refused for good (5xx): retrying would not help.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl SendError {
+    /// What a person reads in the item's `last_error`: the server's reply where there
+    /// was one (`550 5.1.1 user unknown`), else what happened.
+    pub fn detail(&self) -> &str {
+        match self {
+            SendError::Transient(d) | SendError::Permanent(d) => d,
+        }
+    }
+}
+
+type Smtp = AsyncSmtpTransport<Tokio1Executor>;
+
+enum Transport {
+    /// Replaced after a timeout: a cancelled send may leave a half-finished connection
+    /// in lettre's pool, which would hand the next send someone else's reply.
+    Smtp {
+        current: RwLock<Arc<Smtp>>,
+        settings: Box<Settings>,
+    },
+    File {
+        dir: PathBuf,
+    },
+}
+
+/// Sends invitation emails. Cheap to share (`Arc<Mailer>`).
+pub struct Mailer {
+    transport: Transport,
+    from: Mailbox,
+    timeout: Duration,
+    limiter: DefaultDirectRateLimiter,
+}
+
+impl Mailer {
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        let from: Mailbox = settings
+            .mail
+            .from
+            .parse()
+            .map_err(|e| anyhow::anyhow!("mail.from: {e}"))?;
+        let transport = match settings.mail.transport {
+            MailTransport::Smtp => Transport::Smtp {
+                current: RwLock::new(Arc::new(build_smtp(settings)?)),
+                settings: Box::new(settings.clone()),
+            },
+            MailTransport::File => {
+                std::fs::create_dir_all(&settings.mail.outbox_dir).map_err(|e| {
+                    anyhow::anyhow!(
+                        "mail.outbox_dir: cannot create {}: {e}",
+                        settings.mail.outbox_dir.display()
+                    )
+                })?;
+                Transport::File {
+                    dir: settings.mail.outbox_dir.clone(),
+                }
+            }
+        };
+        let per_second = NonZeroU32::new(settings.mail.rate_per_second).unwrap_or(NonZeroU32::MIN);
+        Ok(Self {
+            transport,
+            from,
+            timeout: settings.smtp_timeout(),
+            limiter: RateLimiter::direct(Quota::per_second(per_second)),
+        })
+    }
+
+    pub fn from(&self) -> &Mailbox {
+        &self.from
+    }
+
+    /// Where the file transport writes, if that is the transport.
+    pub fn outbox_dir(&self) -> Option<&Path> {
+        match &self.transport {
+            Transport::File { dir } => Some(dir),
+            Transport::Smtp { .. } => None,
+        }
+    }
+
+    /// Sends one message, waiting for the rate limit first. `key` names the message
+    /// (the item's Message-ID); the file transport writes `{key}.eml`, so a repeated
+    /// attempt overwrites rather than duplicates.
+    pub async fn send(&self, key: &str, message: &Message) -> Result<(), SendError> {
+        self.limiter.until_ready().await;
+        match &self.transport {
+            Transport::File { dir } => write_eml(dir, key, message).await,
+            Transport::Smtp { current, settings } => {
+                let smtp = current
+                    .read()
+                    .map(|t| Arc::clone(&t))
+                    .unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()));
+                match tokio::time::timeout(self.timeout, smtp.send(message.clone())).await {
+                    Ok(Ok(_response)) => Ok(()),
+                    Ok(Err(e)) => Err(classify(&e)),
+                    Err(_elapsed) => {
+                        self.replace_transport(current, &smtp, settings);
+                        Err(SendError::Transient(format!(
+                            "timeout: no reply within {} s",
+                            self.timeout.as_secs()
+                        )))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Swaps in a fresh transport (a new, empty pool) unless another send did already.
+    fn replace_transport(
+        &self,
+        current: &RwLock<Arc<Smtp>>,
+        stale: &Arc<Smtp>,
+        settings: &Settings,
+    ) {
+        let Ok(fresh) = build_smtp(settings) else {
+            return;
+        };
+        let mut slot = current.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, stale) {
+            tracing::warn!("SMTP send timed out: discarding the connection pool");
+            *slot = Arc::new(fresh);
+        }
+    }
+}
+
+fn build_smtp(settings: &Settings) -> anyhow::Result<Smtp> {
+    let s = &settings.smtp;
+    let mut builder = Smtp::builder_dangerous(&s.host)
+        .port(s.port)
+        .timeout(Some(settings.smtp_timeout()))
+        .pool_config(
+            PoolConfig::new()
+                .max_size(u32::try_from(settings.worker.concurrency).unwrap_or(u32::MAX))
+                .idle_timeout(Duration::from_secs(30)),
+        );
+    builder = match s.tls {
+        SmtpTls::None => builder.tls(Tls::None),
+        SmtpTls::Starttls => builder.tls(Tls::Required(TlsParameters::new(s.host.clone())?)),
+        SmtpTls::Tls => builder.tls(Tls::Wrapper(TlsParameters::new(s.host.clone())?)),
+    };
+    if !s.username.is_empty() {
+        builder = builder.credentials(Credentials::new(
+            s.username.clone(),
+            s.password.expose().to_owned(),
+        ));
+    }
+    Ok(builder.build())
+}
+
+/// 5xx is permanent; a 4xx, a refused or dropped connection, a timeout or anything
+/// else the network did is transient (a drop after DATA is ambiguous: the server may
+/// have kept the message, so the retry carries the same Message-ID and link).
+fn classify(e: &lettre::transport::smtp::Error) -> SendError {
+    let text = e.to_string();
+    let detail = match e.status() {
+        // "permanent error (550): 5.1.1 user unknown" → "550 5.1.1 user unknown"
+        Some(code) => match text.split_once("): ") {
+            Some((_, reply)) => format!("{code} {}", reply.trim()),
+            None => code.to_string(),
+        },
+        None => text,
+    };
+    if e.is_permanent() {
+        SendError::Permanent(detail)
+    } else {
+        SendError::Transient(detail)
+    }
+}
+
+async fn write_eml(dir: &Path, key: &str, message: &Message) -> Result<(), SendError> {
+    let safe: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = dir.join(format!("{safe}.eml"));
+    let tmp = dir.join(format!(".{safe}.eml.tmp"));
+    let io = |e: std::io::Error| SendError::Transient(format!("outbox: {e}"));
+    tokio::fs::write(&tmp, message.formatted())
+        .await
+        .map_err(io)?;
+    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! Delivering one item: the core of a send-invite task, callable without the queue.
+//!
+//! Two short transactions around the send, none held while talking to the mail
+//! server:
+//! 1. lock the item; return early if it is terminal or no longer ours; skip it when the
+//!    job is closed or the candidate already holds a live invitation (`on_duplicate:
+//!    skip`); fail it when the address is invalid; otherwise mint its invitation (once:
+//!    every attempt reuses it) and count the attempt;
+//! 2. send;
+//! 3. lock the item again and record the outcome with the batch tally, or schedule the
+//!    next attempt as a new queue task.
+//!
+//! Safe to run twice for one task: the second run finds the item terminal, or finds a
+//! different `task_id` on it, and does nothing.
+
+use std::{sync::Arc, time::Duration};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{
+    config::{RetrySettings, Settings},
+    db::delivery::{self as sql, Finish, LockedItem},
+    domain::{email::CandidateEmail, email::mask, states::ItemReason, token::LinkToken},
+    mail::{
+        Mailer, SendError,
+        render::{InviteEmail, message_id},
+    },
+    queue::{self, NewTask},
+};
+
+/// What one run of a task did with its item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The mail server accepted the message.
+    Sent,
+    /// The item ended without a send (`already_invited`, `job_closed`, …) or failed.
+    Ended(ItemReason),
+    /// A transient failure; the next attempt is queued to run after `delay`.
+    RetryScheduled { attempt: i32, delay: Duration },
+    /// Nothing to do: the item is terminal already, belongs to a newer task, or is gone.
+    NothingToDo,
+}
+
+/// Everything a delivery needs; one per process, shared by all tasks.
+pub struct Deliverer {
+    pub pool: PgPool,
+    pub mailer: Arc<Mailer>,
+    pub settings: Arc<Settings>,
+}
+
+impl Deliverer {
+    /// Runs one attempt for `item_id` on behalf of the queue task `task_id`.
+    pub async fn deliver(&self, item_id: Uuid, task_id: &str) -> anyhow::Result<Delivery> {
+        match self.prepare(item_id, task_id).await? {
+            None => Ok(Delivery::NothingToDo),
+            Some(Prepared::Done(outcome)) => Ok(outcome),
+            Some(Prepared::Send {
+                item,
+                invitation_id,
+                attempt,
+            }) => {
+                let result = self.send(&item, invitation_id).await;
+                self.record(item_id, task_id, attempt, result).await
+            }
+        }
+    }
+
+    /// Phase 1, in one transaction.
+    async fn prepare(&self, item_id: Uuid, task_id: &str) -> anyhow::Result<Option<Prepared>> {
+        let mut tx = self.pool.begin().await?;
+        let Some(mut item) = sql::lock_item(&mut tx, item_id).await? else {
+            return Ok(None);
+        };
+        if item.status != "pending" || item.task_id != task_id {
+            return Ok(None);
+        }
+        sql::mark_batch_running(&mut tx, item.batch_id).await?;
+
+        let end = |reason: ItemReason| Ok(Some(Prepared::Done(Delivery::Ended(reason))));
+        if item.job_status == "closed" {
+            sql::finish_item(&mut tx, &item, ended(ItemReason::JobClosed, None)).await?;
+            tx.commit().await?;
+            log_end(&item, ItemReason::JobClosed, None);
+            return end(ItemReason::JobClosed);
+        }
+        if let Err(e) = CandidateEmail::parse(&item.email) {
+            let why = e.to_string();
+            sql::finish_item(&mut tx, &item, ended(ItemReason::InvalidEmail, Some(&why))).await?;
+            tx.commit().await?;
+            log_end(&item, ItemReason::InvalidEmail, Some(&why));
+            return end(ItemReason::InvalidEmail);
+        }
+
+        let invitation_id = match item.invitation_id {
+            Some(id) => id,
+            None => {
+                sql::lock_candidate_for_job(&mut tx, &item.job_id, &item.candidate_id).await?;
+                if item.on_duplicate == "skip"
+                    && sql::has_other_live_invitation(
+                        &mut tx,
+                        &item.job_id,
+                        &item.candidate_id,
+                        None,
+                    )
+                    .await?
+                {
+                    let reason = ItemReason::AlreadyInvited;
+                    let message = format!(
+                        "{} already holds a live invitation for {}; skipped (on_duplicate: skip)",
+                        item.candidate_id, item.job_id
+                    );
+                    sql::add_warning(
+                        &mut tx,
+                        item.batch_id,
+                        &item.candidate_id,
+                        reason.as_str(),
+                        &message,
+                    )
+                    .await?;
+                    sql::finish_item(&mut tx, &item, ended(reason, None)).await?;
+                    tx.commit().await?;
+                    log_end(&item, reason, None);
+                    return end(reason);
+                }
+                let id = Uuid::now_v7();
+                let token = LinkToken::derive(self.secret(), id);
+                sql::insert_invitation(
+                    &mut tx,
+                    id,
+                    &item,
+                    &token.hash(),
+                    self.settings.invite.ttl_hours,
+                )
+                .await?;
+                item.invitation_id = Some(id);
+                id
+            }
+        };
+        let attempt = sql::begin_attempt(&mut tx, item.id).await?;
+        tx.commit().await?;
+        Ok(Some(Prepared::Send {
+            item: Box::new(item),
+            invitation_id,
+            attempt,
+        }))
+    }
+
+    /// Phase 2: build the message from stored state and hand it to the mailer.
+    async fn send(&self, item: &LockedItem, invitation_id: Uuid) -> Result<(), SendError> {
+        let address: lettre::Address = item
+            .email
+            .trim()
+            .parse()
+            .map_err(|e| SendError::Permanent(format!("invalid address: {e}")))?;
+        let token = LinkToken::derive(self.secret(), invitation_id);
+        let link = format!("{}/{}", self.settings.invite.link_base_url, token.expose());
+        let message_id = message_id(item.id, self.mailer.from());
+        let email = InviteEmail {
+            to: &address,
+            to_name: item.name.as_deref(),
+            job_title: &item.job_title,
+            duration_minutes: item.duration_minutes,
+            link: &link,
+            ttl_hours: self.settings.invite.ttl_hours,
+            message_id: &message_id,
+        };
+        let message = email
+            .build(self.mailer.from())
+            .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
+        self.mailer.send(&message_id, &message).await
+    }
+
+    /// Phase 3, in one transaction: the outcome, the tally, or the next attempt.
+    async fn record(
+        &self,
+        item_id: Uuid,
+        task_id: &str,
+        attempt: i32,
+        result: Result<(), SendError>,
+    ) -> anyhow::Result<Delivery> {
+        let mut tx = self.pool.begin().await?;
+        let Some(item) = sql::lock_item(&mut tx, item_id).await? else {
+            return Ok(Delivery::NothingToDo);
+        };
+        if item.status != "pending" || item.task_id != task_id {
+            // Cancelled (or otherwise ended) while the message was on its way.
+            tracing::info!(item = %item.id, status = %item.status, "item ended during its send");
+            return Ok(Delivery::NothingToDo);
+        }
+        let outcome = match &result {
+            Ok(()) => {
+                sql::finish_item(&mut tx, &item, Finish::Sent).await?;
+                Delivery::Sent
+            }
+            Err(SendError::Permanent(detail)) => {
+                sql::finish_item(&mut tx, &item, ended(ItemReason::Rejected, Some(detail))).await?;
+                Delivery::Ended(ItemReason::Rejected)
+            }
+            Err(SendError::Transient(detail)) => {
+                let max = i32::try_from(self.settings.retry.max_attempts).unwrap_or(i32::MAX);
+                if attempt >= max {
+                    let reason = ItemReason::RetriesExhausted;
+                    sql::finish_item(&mut tx, &item, ended(reason, Some(detail))).await?;
+                    Delivery::Ended(reason)
+                } else {
+                    let delay = retry_delay(&self.settings.retry, attempt);
+                    let next = queue::new_task_id();
+                    let run_at = Utc::now()
+                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                    sql::schedule_retry(&mut tx, item.id, &next, detail, run_at).await?;
+                    queue::push(
+                        &mut tx,
+                        &[NewTask {
+                            task_id: &next,
+                            item_id: item.id,
+                            run_after: Some(delay),
+                        }],
+                    )
+                    .await?;
+                    Delivery::RetryScheduled { attempt, delay }
+                }
+            }
+        };
+        tx.commit().await?;
+        match (&outcome, &result) {
+            (Delivery::Sent, _) => {
+                metrics::counter!("invites_sent_total").increment(1);
+                tracing::info!(item = %item.id, batch = %item.batch_id, to = %mask(&item.email), attempt, "sent");
+            }
+            (Delivery::RetryScheduled { delay, .. }, Err(e)) => {
+                metrics::counter!("invite_send_retries_total").increment(1);
+                tracing::warn!(item = %item.id, to = %mask(&item.email), attempt, delay_ms = delay.as_millis() as u64, error = %e.detail(), "send failed; retry scheduled");
+            }
+            (Delivery::Ended(reason), Err(e)) => log_end(&item, *reason, Some(e.detail())),
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    fn secret(&self) -> &[u8] {
+        self.settings.invite.token_secret.expose().as_bytes()
+    }
+}
+
+enum Prepared {
+    Send {
+        item: Box<LockedItem>,
+        invitation_id: Uuid,
+        attempt: i32,
+    },
+    Done(Delivery),
+}
+
+fn ended(reason: ItemReason, last_error: Option<&str>) -> Finish<'_> {
+    Finish::Ended { reason, last_error }
+}
+
+fn log_end(item: &LockedItem, reason: ItemReason, detail: Option<&str>) {
+    metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
+    tracing::info!(
+        item = %item.id, batch = %item.batch_id, to = %mask(&item.email),
+        status = %reason.status(), reason = %reason, detail = detail.unwrap_or(""),
+        "item ended without a send"
+    );
+}
+
+/// The wait before attempt `attempt + 1`: exponential from `initial_delay_ms` by
+/// `multiplier`, capped at `max_delay_ms` (backon's schedule), then spread by
+/// ±`jitter` so a burst of failures does not come back as a burst.
+pub fn retry_delay(retry: &RetrySettings, attempt: i32) -> Duration {
+    let nominal = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(retry.initial_delay_ms))
+        .with_max_delay(Duration::from_millis(retry.max_delay_ms))
+        .with_factor(retry.multiplier as f32)
+        .without_max_times()
+        .build()
+        .nth(usize::try_from(attempt.max(1) - 1).unwrap_or(0))
+        .unwrap_or(Duration::from_millis(retry.max_delay_ms));
+    let spread = 1.0 + retry.jitter * (rand::random::<f64>() * 2.0 - 1.0);
+    nominal.mul_f64(spread.max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(jitter: f64) -> RetrySettings {
+        RetrySettings {
+            max_attempts: 8,
+            initial_delay_ms: 5_000,
+            max_delay_ms: 900_000,
+            multiplier: 3.0,
+            jitter,
+        }
+    }
+
+    #[test]
+    fn delays_grow_by_the_multiplier_up_to_the_cap() {
+        let r = retry(0.0);
+        let secs: Vec<u64> = (1..=8).map(|a| retry_delay(&r, a).as_secs()).collect();
+        assert_eq!(secs, vec![5, 15, 45, 135, 405, 900, 900, 900]);
+    }
+
+    #[test]
+    fn jitter_stays_within_its_band() {
+        let r = retry(0.2);
+        for _ in 0..200 {
+            let d = retry_delay(&r, 2).as_secs_f64();
+            assert!((12.0..=18.0).contains(&d), "{d}");
+        }
+    }
+}

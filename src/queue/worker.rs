@@ -1,0 +1,157 @@
+//! Worker assembly: apalis-postgres workers that run send-invite tasks, woken by
+//! LISTEN/NOTIFY for new tasks and by an interval poll for retries that come due.
+//!
+//! Traps of apalis 1.0 handled here (see `shared/notes/apalis-1.0.md`):
+//! - any database error ends a worker: a supervisor loop starts a new one after a
+//!   backoff, under a **new name** (a restarted worker with the old name would leave
+//!   the dead one's tasks `Running` for good);
+//! - names are unique per process (host, pid, start time) so two processes never clash;
+//! - orphan recovery is by heartbeat: `worker.heartbeat_secs` and
+//!   `worker.recover_after_secs` bound how long a dead worker's tasks wait;
+//! - payloads are decoded in the handler, so one bad row is killed, not fatal;
+//! - no in-memory retry layer: retries are scheduled durably by the handler.
+
+use std::{sync::Arc, time::Duration};
+
+use apalis::prelude::*;
+use apalis_postgres::{Config, PostgresStorage, Pubsub};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Settings,
+    queue::{QUEUE, SendInvite, deliver::Deliverer},
+};
+
+/// The send-invite handler: a thin adapter from an apalis task to [`Deliverer::deliver`].
+async fn send_invite(
+    args: serde_json::Value,
+    task_id: TaskId,
+    deliverer: Data<Arc<Deliverer>>,
+) -> Result<(), BoxDynError> {
+    let payload: SendInvite = match serde_json::from_value(args) {
+        Ok(payload) => payload,
+        Err(e) => {
+            tracing::error!(task = %task_id, error = %e, "undecodable send-invite task: killed");
+            return Err(Box::new(AbortError::new(e)));
+        }
+    };
+    match deliverer
+        .deliver(payload.item_id, &task_id.to_string())
+        .await
+    {
+        Ok(outcome) => {
+            tracing::debug!(task = %task_id, item = %payload.item_id, ?outcome, "task done");
+            Ok(())
+        }
+        Err(e) => {
+            // A database fault: apalis runs the task again (up to its max_attempts).
+            tracing::error!(task = %task_id, item = %payload.item_id, error = %e, "task failed");
+            Err(e.into())
+        }
+    }
+}
+
+/// A name no other live worker has: host, pid, start time and generation.
+fn worker_name(generation: u32) -> String {
+    let host = hostname();
+    let pid = std::process::id();
+    static STARTED: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let started = STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default()
+    });
+    format!("invite-worker@{host}:{pid}:{started}:{generation}")
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Runs the queue workers until `shutdown` is cancelled; then lets in-flight tasks
+/// finish for up to `worker.shutdown_timeout_secs`. Tasks still running after that
+/// are recovered by another worker once this one's heartbeat lapses.
+pub async fn run(
+    deliverer: Arc<Deliverer>,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let w = &settings.worker;
+    let heartbeat = Duration::from_secs(w.heartbeat_secs);
+    let missed = usize::try_from(w.recover_after_secs / w.heartbeat_secs).unwrap_or(usize::MAX);
+    let config = Config::default()
+        .queue(QUEUE)
+        .batch_size(w.concurrency)
+        .heartbeat_interval(heartbeat)
+        .missed_heartbeats(missed.max(2));
+    let poll = Duration::from_millis(w.poll_interval_ms);
+    let shutdown_timeout = Duration::from_secs(w.shutdown_timeout_secs);
+    let mut restart_delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times()
+        .build();
+
+    for generation in 0u32.. {
+        let pool = deliverer.pool.clone();
+        let backend = PostgresStorage::<serde_json::Value>::new(&pool)
+            .with_config(config.clone())
+            .poll_with_strategy(
+                Strategy::new()
+                    .stream(Pubsub::new(pool.clone(), QUEUE.to_owned()))
+                    .interval(poll),
+            );
+        let name = worker_name(generation);
+        let worker = WorkerBuilder::new(name.as_str())
+            .backend(backend)
+            .concurrency(w.concurrency)
+            .data(deliverer.clone())
+            .build(send_invite);
+        tracing::info!(worker = %name, concurrency = w.concurrency, "queue worker starting");
+
+        let stop = shutdown.clone();
+        let run = worker.run_with_ctx(move |ctx| {
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                ctx.stop()
+            }
+        });
+        tokio::pin!(run);
+        let result = tokio::select! {
+            result = &mut run => result,
+            () = shutdown.cancelled() => {
+                match tokio::time::timeout(shutdown_timeout, &mut run).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(worker = %name, timeout_secs = shutdown_timeout.as_secs(),
+                            "shutdown timeout: unfinished tasks will be recovered by another worker");
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) if shutdown.is_cancelled() => {
+                tracing::info!(worker = %name, "queue worker stopped");
+                return Ok(());
+            }
+            Ok(()) => tracing::warn!(worker = %name, "queue worker ended by itself; restarting"),
+            Err(e) => {
+                tracing::error!(worker = %name, error = %e, "queue worker failed; restarting")
+            }
+        }
+        let delay = restart_delays.next().unwrap_or(Duration::from_secs(10));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    Ok(())
+}
