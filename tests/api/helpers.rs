@@ -1,0 +1,225 @@
+//! `spawn_app()`: a migrated database of its own, the service (API and workers) on a
+//! random port, and a scriptable SMTP server the service sends to.
+
+#![allow(dead_code)]
+
+use std::{path::Path, time::Duration};
+
+use invite_worker::{
+    app::{self, RunningApp},
+    config::{MailTransport, Settings},
+    http::Role,
+    testkit::smtp::SmtpServer,
+};
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+pub const KEY: &str = "test-key";
+
+/// The server tests connect to; `TEST_DATABASE_URL` overrides (no database name).
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Settings for a test: shipped defaults, a fresh database name, SMTP to `smtp_port`,
+/// and retries short enough for a test (backoff in hundreds of milliseconds).
+pub fn test_settings(smtp_port: u16) -> Settings {
+    let mut s = Settings::load_from(Path::new("/nonexistent/worker.toml"), false, Vec::new())
+        .expect("the shipped defaults load");
+    let db = format!("iw_test_{}", uuid::Uuid::now_v7().simple());
+    s.database.url = invite_worker::config::Secret::new(format!("{}/{db}", server_url()));
+    s.database.max_connections = 12;
+    s.api.keys = vec![invite_worker::config::Secret::new(KEY)];
+    s.mail.transport = MailTransport::Smtp;
+    s.mail.rate_per_second = 10_000;
+    s.smtp.port = smtp_port;
+    s.smtp.timeout_secs = 2;
+    s.worker.poll_interval_ms = 100;
+    s.worker.heartbeat_secs = 1;
+    s.worker.recover_after_secs = 3;
+    s.worker.shutdown_timeout_secs = 5;
+    s.retry.initial_delay_ms = 200;
+    s.retry.max_delay_ms = 1_000;
+    s.retry.multiplier = 2.0;
+    s.retry.jitter = 0.1;
+    s.retry.max_attempts = 4;
+    s
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub smtp: SmtpServer,
+    pub pool: PgPool,
+    pub settings: Settings,
+    pub running: Option<RunningApp>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let smtp = SmtpServer::start().await.expect("SMTP server starts");
+    let mut settings = test_settings(smtp.port());
+    configure(&mut settings);
+    app::migrate(&settings).await.expect("migrations apply");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let running = app::start(settings.clone(), Role::All, listener)
+        .await
+        .expect("service starts");
+    let base = format!("http://{}", running.addr);
+    let pool = running.pool.clone();
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        smtp,
+        pool,
+        settings,
+        running: Some(running),
+    }
+}
+
+/// `n` candidates with valid, distinct addresses: `{prefix}-{i}` at `{prefix}.{i}@example.com`.
+pub fn candidates(prefix: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| json!({"id": format!("{prefix}-{i}"), "email": format!("{prefix}.{i}@example.com"), "name": format!("Candidate {i}")}))
+        .collect()
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn put_job(&self, id: &str, title: &str, status: &str) -> Response {
+        self.client
+            .put(self.url(&format!("/v1/jobs/{id}")))
+            .bearer_auth(KEY)
+            .json(&json!({"title": title, "status": status}))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn open_job(&self, id: &str) {
+        let r = self.put_job(id, "Backend Engineer", "open").await;
+        assert!(r.status().is_success(), "job created: {}", r.status());
+    }
+
+    pub async fn post_batch(&self, body: &Value) -> Response {
+        self.client
+            .post(self.url("/v1/batches"))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Posts a batch that must be accepted; returns its id.
+    pub async fn create_batch(&self, job_id: &str, candidates: Vec<Value>) -> String {
+        let r = self
+            .post_batch(
+                &json!({"job_id": job_id, "duration_minutes": 30, "candidates": candidates}),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let body: Value = r.json().await.expect("json");
+        body["id"].as_str().expect("id").to_owned()
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.get(path).await;
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    pub async fn batch(&self, id: &str) -> Value {
+        self.get_json(&format!("/v1/batches/{id}")).await
+    }
+
+    pub async fn items(&self, id: &str, status: Option<&str>) -> Vec<Value> {
+        let q = status.map(|s| format!("?status={s}")).unwrap_or_default();
+        let v = self.get_json(&format!("/v1/batches/{id}/items{q}")).await;
+        v["items"].as_array().cloned().expect("items")
+    }
+
+    /// Polls until the batch reaches `status` (a bound, not a speed assertion).
+    pub async fn wait_for_status(&self, id: &str, status: &str, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let batch = self.batch(id).await;
+            assert_counts_add_up(&batch);
+            if batch["status"] == status {
+                return batch;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "batch {id} did not reach {status} within {within:?}: {batch}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_until_completed(&self, id: &str) -> Value {
+        self.wait_for_status(id, "completed", Duration::from_secs(60))
+            .await
+    }
+
+    /// Rows in each of our tables and in the queue.
+    pub async fn row_counts(&self) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        for table in [
+            "jobs",
+            "candidates",
+            "batches",
+            "batch_items",
+            "invitations",
+            "apalis.jobs",
+        ] {
+            let n: i64 =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                    .fetch_one(&self.pool)
+                    .await
+                    .expect("count");
+            out.push((table.to_owned(), n));
+        }
+        out
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("service stops cleanly");
+        }
+    }
+}
+
+pub fn assert_counts_add_up(batch: &Value) {
+    let c = &batch["counts"];
+    let sum: i64 = ["pending", "sent", "failed", "skipped"]
+        .iter()
+        .map(|k| c[k].as_i64().expect("count"))
+        .sum();
+    assert_eq!(Some(sum), batch["total"].as_i64(), "counts add up: {batch}");
+}
+
+/// The link in a message's text part (the line that starts with the link base).
+pub fn link_in(body: &str, base: &str) -> Option<String> {
+    body.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(base))
+        .map(str::to_owned)
+}
