@@ -82,6 +82,9 @@ CREATE TABLE batch_items (
     -- here and does nothing.
     task_id          text        NOT NULL,
     next_attempt_at  timestamptz,
+    -- Set while a send is on its way (between the attempt's two transactions); a cancel
+    -- waits for such sends to be recorded rather than racing them.
+    sending_at       timestamptz,
     sent_at          timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now(),
     UNIQUE (batch_id, candidate_id),

@@ -211,3 +211,237 @@ pub async fn items(
     .fetch_all(db)
     .await
 }
+
+/// Newest first, optionally filtered by job and status.
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    job_id: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> sqlx::Result<Vec<BatchRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {BATCH_COLUMNS} FROM batches
+         WHERE ($1::text IS NULL OR job_id = $1) AND ($2::text IS NULL OR status = $2)
+         ORDER BY created_at DESC, id DESC
+         LIMIT $3"
+    )))
+    .bind(job_id)
+    .bind(status)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn find_by_idempotency_key(
+    db: impl PgExecutor<'_>,
+    key: &str,
+) -> sqlx::Result<Option<BatchRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {BATCH_COLUMNS} FROM batches WHERE idempotency_key = $1"
+    )))
+    .bind(key)
+    .fetch_optional(db)
+    .await
+}
+
+/// True when `e` is the unique violation of `batches.idempotency_key`: another request
+/// with the same key committed first.
+pub fn is_idempotency_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.constraint() == Some("batches_idempotency_key_key"))
+}
+
+/// What a cancel did.
+pub enum Cancel {
+    Cancelled(BatchRow),
+    NotFound,
+    /// The batch is `completed` or `cancelled` already.
+    NotLive(String),
+    /// A send is on its way for one of the pending items: try again shortly.
+    SendsInFlight,
+}
+
+/// Cancels a live batch: every pending item becomes `skipped`/`cancelled`, their links
+/// (if minted) are revoked, the tally moves, the batch becomes `cancelled`. Sends that
+/// are on their way (`sending_at` within `in_flight`) are waited for by the caller, so
+/// each of those items ends as what really happened to it.
+pub async fn cancel(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    in_flight: std::time::Duration,
+) -> sqlx::Result<Cancel> {
+    let mut tx = pool.begin().await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM batches WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match status.as_deref() {
+        None => return Ok(Cancel::NotFound),
+        Some(s @ ("completed" | "cancelled")) => return Ok(Cancel::NotLive(s.to_owned())),
+        Some(_) => {}
+    }
+    // Items first, then the batch: the worker's lock order.
+    let sending: Vec<bool> = sqlx::query_scalar(
+        "SELECT coalesce(sending_at > now() - make_interval(secs => $2), false)
+         FROM batch_items WHERE batch_id = $1 AND status = 'pending'
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(id)
+    .bind(in_flight.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    if sending.iter().any(|s| *s) {
+        return Ok(Cancel::SendsInFlight);
+    }
+    sqlx::query(
+        "WITH cancelled AS (
+            UPDATE batch_items
+               SET status = 'skipped', reason = 'cancelled', sending_at = NULL,
+                   next_attempt_at = NULL, updated_at = now()
+             WHERE batch_id = $1 AND status = 'pending'
+         RETURNING invitation_id)
+         UPDATE invitations SET status = 'REVOKED', revoked_at = now()
+          WHERE id IN (SELECT invitation_id FROM cancelled) AND status = 'PENDING'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let row: Option<BatchRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE batches
+            SET skipped = skipped + pending, pending = 0, status = 'cancelled', cancelled_at = now()
+          WHERE id = $1 AND status IN ('queued', 'running')
+         RETURNING {BATCH_COLUMNS}"
+    )))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match row {
+        Some(row) => {
+            tx.commit().await?;
+            Ok(Cancel::Cancelled(row))
+        }
+        None => {
+            let status = get(pool, id).await?.map(|b| b.status).unwrap_or_default();
+            Ok(Cancel::NotLive(status))
+        }
+    }
+}
+
+/// A failed item to put back through the queue, with its corrected address if any.
+pub struct RetryItem {
+    pub candidate_id: String,
+    pub email: Option<String>,
+}
+
+/// What a retry did.
+pub enum Retry {
+    /// The batch after the retry, and the (item id, task id) pairs to push.
+    Retried(BatchRow, Vec<(Uuid, String)>),
+    NotFound,
+    Cancelled,
+    /// These candidates are not failed items of the batch.
+    NotRetryable(Vec<String>),
+}
+
+/// Puts failed items back to `pending` (new task ids, attempts reset, a corrected
+/// address replacing the item's and the candidate's) and the batch back to `running`.
+/// `only` limits it to those candidates; `None` retries every failed item. The caller
+/// pushes the tasks in the same transaction and commits.
+pub async fn retry(
+    tx: &mut PgConnection,
+    id: Uuid,
+    only: Option<&[RetryItem]>,
+) -> sqlx::Result<Retry> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM batches WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match status.as_deref() {
+        None => return Ok(Retry::NotFound),
+        Some("cancelled") => return Ok(Retry::Cancelled),
+        Some(_) => {}
+    }
+    let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT id, candidate_id, status FROM batch_items
+         WHERE batch_id = $1 ORDER BY id FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let failed = |cid: &str| {
+        rows.iter()
+            .find(|(_, c, s)| c == cid && s == "failed")
+            .map(|(i, ..)| *i)
+    };
+    let chosen: Vec<(Uuid, String, Option<String>)> = match only {
+        Some(list) => {
+            let not: Vec<String> = list
+                .iter()
+                .filter(|r| failed(&r.candidate_id).is_none())
+                .map(|r| r.candidate_id.clone())
+                .collect();
+            if !not.is_empty() {
+                return Ok(Retry::NotRetryable(not));
+            }
+            list.iter()
+                .filter_map(|r| {
+                    failed(&r.candidate_id).map(|i| (i, r.candidate_id.clone(), r.email.clone()))
+                })
+                .collect()
+        }
+        None => rows
+            .iter()
+            .filter(|(_, _, s)| s == "failed")
+            .map(|(i, c, _)| (*i, c.clone(), None))
+            .collect(),
+    };
+    if chosen.is_empty() {
+        return Ok(Retry::NotRetryable(Vec::new()));
+    }
+    let tasks: Vec<(Uuid, String)> = chosen
+        .iter()
+        .map(|(i, ..)| (*i, crate::queue::new_task_id()))
+        .collect();
+    sqlx::query(
+        "UPDATE batch_items i
+            SET status = 'pending', reason = NULL, attempts = 0, last_error = NULL,
+                invitation_id = NULL, sending_at = NULL, next_attempt_at = NULL,
+                task_id = t.task_id, email = coalesce(t.email, i.email), updated_at = now()
+           FROM unnest($1::uuid[], $2::text[], $3::text[]) AS t(id, task_id, email)
+          WHERE i.id = t.id",
+    )
+    .bind(tasks.iter().map(|(i, _)| *i).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>())
+    .bind(
+        chosen
+            .iter()
+            .map(|(_, _, e)| e.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    let mut corrected: Vec<(&str, &str)> = chosen
+        .iter()
+        .filter_map(|(_, c, e)| e.as_deref().map(|e| (c.as_str(), e)))
+        .collect();
+    corrected.sort();
+    sqlx::query(
+        "UPDATE candidates c SET email = t.email, updated_at = now()
+           FROM unnest($1::text[], $2::text[]) AS t(id, email) WHERE c.id = t.id",
+    )
+    .bind(corrected.iter().map(|(c, _)| *c).collect::<Vec<_>>())
+    .bind(corrected.iter().map(|(_, e)| *e).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    let n = i32::try_from(chosen.len()).unwrap_or(i32::MAX);
+    let row: BatchRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE batches
+            SET failed = failed - $2, pending = pending + $2, status = 'running', completed_at = NULL
+          WHERE id = $1
+         RETURNING {BATCH_COLUMNS}"
+    )))
+    .bind(id)
+    .bind(n)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Retry::Retried(row, tasks))
+}

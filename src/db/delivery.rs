@@ -124,7 +124,8 @@ pub async fn insert_invitation(
 /// Counts one more send attempt for the item; returns the new count.
 pub async fn begin_attempt(tx: &mut PgConnection, item_id: Uuid) -> sqlx::Result<i32> {
     sqlx::query_scalar(
-        "UPDATE batch_items SET attempts = attempts + 1, next_attempt_at = NULL, updated_at = now()
+        "UPDATE batch_items
+            SET attempts = attempts + 1, next_attempt_at = NULL, sending_at = now(), updated_at = now()
          WHERE id = $1 RETURNING attempts",
     )
     .bind(item_id)
@@ -147,7 +148,7 @@ pub async fn finish_item(
     sqlx::query(
         "UPDATE batch_items
             SET status = $2, reason = $3, last_error = COALESCE($4, last_error),
-                next_attempt_at = NULL, updated_at = now(),
+                next_attempt_at = NULL, sending_at = NULL, updated_at = now(),
                 sent_at = CASE WHEN $2 = 'sent' THEN now() ELSE sent_at END
           WHERE id = $1",
     )
@@ -248,7 +249,8 @@ pub async fn schedule_retry(
 ) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE batch_items
-            SET task_id = $2, last_error = $3, next_attempt_at = $4, updated_at = now()
+            SET task_id = $2, last_error = $3, next_attempt_at = $4, sending_at = NULL,
+                updated_at = now()
           WHERE id = $1",
     )
     .bind(item_id)

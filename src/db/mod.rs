@@ -3,6 +3,7 @@
 
 pub mod batches;
 pub mod delivery;
+pub mod invitations;
 pub mod jobs;
 
 use std::{str::FromStr, time::Duration};

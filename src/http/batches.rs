@@ -1,6 +1,9 @@
 //! Batches: create (one transaction with the queue tasks), read, list items.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use axum::{
     Json,
@@ -16,17 +19,17 @@ use crate::{
     config::Settings,
     db::{
         self,
-        batches::{BatchRow, ItemView, NewBatch, NewItem, Warning},
+        batches::{BatchRow, Cancel, ItemView, NewBatch, NewItem, Retry, Warning},
     },
     domain::{
         email::CandidateEmail,
         ids::ExternalId,
-        states::{ItemStatus, OnDuplicate},
+        states::{BatchStatus, ItemStatus, OnDuplicate},
     },
     http::{
         AppState,
         error::{ApiError, ApiResult},
-        extract::{JsonBody, PathUuid, QueryParams},
+        extract::{JsonBody, OptionalJsonBody, PathUuid, QueryParams},
     },
     queue::{self, NewTask},
 };
@@ -278,13 +281,62 @@ fn accepted(batch: BatchView) -> Response {
     response
 }
 
+/// The `Idempotency-Key` header: 1 to 255 printable ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        .ok_or_else(|| {
+            ApiError::Validation(
+                "Idempotency-Key: must be 1 to 255 printable ASCII characters".into(),
+            )
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// A fingerprint of what the request asks for: the same body (whatever its key order
+/// or spacing) hashes the same; `on_duplicate` absent and `"skip"` are the same request.
+fn request_hash(req: &BatchRequest) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut normal = req.clone();
+    normal.on_duplicate = Some(normal.on_duplicate.unwrap_or(OnDuplicate::Skip));
+    let bytes = serde_json::to_vec(&normal).unwrap_or_default();
+    Sha256::digest(bytes).to_vec()
+}
+
+/// The answer to a request whose key was seen before: the same batch, or 422 when
+/// the key came with a different body.
+fn replay(existing: BatchRow, hash: &[u8]) -> ApiResult<Response> {
+    if existing.request_hash.as_deref() != Some(hash) {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    let mut response = accepted(existing.into());
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok(response)
+}
+
 /// `POST /v1/batches`: the batch, its items and one queue task per item, in one
-/// transaction; a request that fails any check writes nothing.
+/// transaction; a request that fails any check writes nothing. With an
+/// `Idempotency-Key`, a repeat (also a concurrent one) gets the same batch back.
 pub async fn create(
     State(state): State<AppState>,
-    _headers: HeaderMap,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<BatchRequest>,
 ) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
+    let hash = key.as_ref().map(|_| request_hash(&req));
+    if let (Some(key), Some(hash)) = (&key, &hash)
+        && let Some(existing) = db::batches::find_by_idempotency_key(&state.pool, key).await?
+    {
+        return replay(existing, hash);
+    }
+
     let checked = check(&req, &state.settings)?;
     let mut tx = state.pool.begin().await?;
     check_job(&mut tx, &checked.job_id).await?;
@@ -308,10 +360,26 @@ pub async fn create(
         on_duplicate: checked.on_duplicate.as_str().to_owned(),
         items,
         warnings,
-        idempotency_key: None,
-        request_hash: None,
+        idempotency_key: key.clone(),
+        request_hash: hash.clone(),
     };
-    let row = db::batches::insert(&mut tx, &batch).await?;
+    let row = match db::batches::insert(&mut tx, &batch).await {
+        Ok(row) => row,
+        Err(e) if db::batches::is_idempotency_conflict(&e) => {
+            // A concurrent request with the same key committed first: answer as it did.
+            drop(tx);
+            let (Some(key), Some(hash)) = (&key, &hash) else {
+                return Err(e.into());
+            };
+            let existing = db::batches::find_by_idempotency_key(&state.pool, key)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::Internal(anyhow::anyhow!("idempotency conflict without a batch"))
+                })?;
+            return replay(existing, hash);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let tasks: Vec<NewTask<'_>> = batch
         .items
         .iter()
@@ -326,6 +394,207 @@ pub async fn create(
     metrics::counter!("batches_created_total").increment(1);
     tracing::info!(batch = %row.id, job = %row.job_id, total = row.total, "batch enqueued");
     Ok(accepted(row.into()))
+}
+
+/// `POST /v1/batches/preview`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Preview {
+    pub total: usize,
+    pub to_send: usize,
+    pub to_skip: usize,
+    pub to_fail: usize,
+    pub warnings: Vec<Warning>,
+}
+
+/// Every check of a real send, and what would happen to each candidate; writes nothing.
+pub async fn preview(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<BatchRequest>,
+) -> ApiResult<Json<Preview>> {
+    let checked = check(&req, &state.settings)?;
+    let mut tx = state.pool.begin().await?;
+    check_job(&mut tx, &checked.job_id).await?;
+    let (warnings, invited) = warnings(&mut tx, &checked).await?;
+    tx.rollback().await?;
+    let total = checked.candidates.len();
+    let to_fail = checked
+        .candidates
+        .iter()
+        .filter(|c| c.email_problem.is_some())
+        .count();
+    let to_skip = match checked.on_duplicate {
+        OnDuplicate::Skip => checked
+            .candidates
+            .iter()
+            .filter(|c| c.email_problem.is_none() && invited.contains(c.id.as_str()))
+            .count(),
+        OnDuplicate::Send => 0,
+    };
+    Ok(Json(Preview {
+        total,
+        to_send: total - to_fail - to_skip,
+        to_skip,
+        to_fail,
+        warnings,
+    }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchList {
+    pub batches: Vec<BatchView>,
+}
+
+/// `GET /v1/batches?job_id=&status=&limit=`, newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<HashMap<String, String>>,
+) -> ApiResult<Json<BatchList>> {
+    let mut job_id = None;
+    let mut status = None;
+    let mut limit = 50i64;
+    for (key, value) in &query {
+        match key.as_str() {
+            "job_id" => {
+                job_id = Some(
+                    ExternalId::parse(value)
+                        .map_err(|why| ApiError::Validation(format!("job_id: {why}")))?,
+                )
+            }
+            "status" => status = Some(BatchStatus::parse(value).ok_or_else(|| {
+                ApiError::Validation(format!(
+                    "status: must be one of queued, running, completed, cancelled (got {value:?})"
+                ))
+            })?),
+            "limit" => {
+                limit = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|l| (1..=500).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::Validation(format!("limit: must be 1 to 500 (got {value:?})"))
+                    })?
+            }
+            other => {
+                return Err(ApiError::Validation(format!(
+                    "unknown query parameter {other:?}"
+                )));
+            }
+        }
+    }
+    let rows = db::batches::list(
+        &state.pool,
+        job_id.as_ref().map(ExternalId::as_str),
+        status.map(BatchStatus::as_str),
+        limit,
+    )
+    .await?;
+    Ok(Json(BatchList {
+        batches: rows.into_iter().map(BatchView::from).collect(),
+    }))
+}
+
+/// `POST /v1/batches/{id}/retry` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    pub candidates: Vec<RetryCandidate>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryCandidate {
+    pub id: String,
+    /// A corrected address; it replaces the candidate's email.
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+/// Puts failed items (all, or the ones listed) back through the queue.
+pub async fn retry(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+    OptionalJsonBody(body): OptionalJsonBody<RetryRequest>,
+) -> ApiResult<Response> {
+    let only = match body {
+        None => None,
+        Some(body) => {
+            if body.candidates.is_empty() {
+                return Err(ApiError::Validation(
+                    "candidates: must list at least one candidate".into(),
+                ));
+            }
+            let mut list = Vec::with_capacity(body.candidates.len());
+            for (i, c) in body.candidates.into_iter().enumerate() {
+                if let Some(email) = &c.email
+                    && let Err(e) = CandidateEmail::parse(email)
+                {
+                    return Err(ApiError::Validation(format!("candidates[{i}].email: {e}")));
+                }
+                list.push(db::batches::RetryItem {
+                    candidate_id: c.id,
+                    email: c.email.map(|e| e.trim().to_owned()),
+                });
+            }
+            Some(list)
+        }
+    };
+    let mut tx = state.pool.begin().await?;
+    match db::batches::retry(&mut tx, id, only.as_deref()).await? {
+        Retry::NotFound => Err(ApiError::NotFound(format!("no batch with id {id}"))),
+        Retry::Cancelled => Err(ApiError::InvalidTransition(format!(
+            "batch {id} is cancelled: its items cannot be retried"
+        ))),
+        Retry::NotRetryable(ids) if ids.is_empty() => Err(ApiError::NotRetryable(vec![
+            "(none: the batch has no failed items)".into(),
+        ])),
+        Retry::NotRetryable(ids) => Err(ApiError::NotRetryable(ids)),
+        Retry::Retried(row, tasks) => {
+            let new: Vec<NewTask<'_>> = tasks
+                .iter()
+                .map(|(item_id, task_id)| NewTask {
+                    task_id,
+                    item_id: *item_id,
+                    run_after: None,
+                })
+                .collect();
+            queue::push(&mut tx, &new).await?;
+            tx.commit().await?;
+            tracing::info!(batch = %id, items = tasks.len(), "failed items retried");
+            Ok(accepted(row.into()))
+        }
+    }
+}
+
+/// Skips every pending item (`cancelled`) and revokes their links; sent items stay
+/// sent. Waits for sends already on their way so each ends as what really happened.
+pub async fn cancel(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+) -> ApiResult<Json<BatchView>> {
+    let window = state.settings.smtp_timeout() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + window;
+    loop {
+        match db::batches::cancel(&state.pool, id, window).await? {
+            Cancel::Cancelled(row) => {
+                tracing::info!(batch = %id, "batch cancelled");
+                return Ok(Json(row.into()));
+            }
+            Cancel::NotFound => return Err(ApiError::NotFound(format!("no batch with id {id}"))),
+            Cancel::NotLive(status) => {
+                return Err(ApiError::InvalidTransition(format!(
+                    "batch {id} is {status}: only a queued or running batch can be cancelled"
+                )));
+            }
+            Cancel::SendsInFlight if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Cancel::SendsInFlight => {
+                return Err(ApiError::Internal(anyhow::anyhow!(
+                    "sends of batch {id} stayed in flight past the cancel window"
+                )));
+            }
+        }
+    }
 }
 
 pub async fn get(

@@ -3,6 +3,7 @@
 pub mod batches;
 pub mod error;
 pub mod extract;
+pub mod invitations;
 pub mod jobs;
 pub mod service;
 
@@ -52,9 +53,17 @@ pub fn router(state: AppState) -> Router {
     } else {
         let v1 = Router::new()
             .route("/jobs/{job_id}", put(jobs::put_job).get(jobs::get_job))
-            .route("/batches", post(batches::create))
+            .route("/batches", post(batches::create).get(batches::list))
+            .route("/batches/preview", post(batches::preview))
             .route("/batches/{id}", get(batches::get))
+            .route("/batches/{id}/retry", post(batches::retry))
+            .route("/batches/{id}/cancel", post(batches::cancel))
             .route("/batches/{id}/items", get(batches::items))
+            .route("/invitations", get(invitations::list))
+            .route("/invitations/redeem", post(invitations::redeem))
+            .route("/invitations/{id}", get(invitations::get))
+            .route("/invitations/{id}/complete", post(invitations::complete))
+            .route("/invitations/{id}/revoke", post(invitations::revoke))
             .route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_bearer,

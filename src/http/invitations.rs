@@ -1,0 +1,127 @@
+//! Invitations: read, list, redeem (single use), complete, revoke.
+
+use std::collections::HashMap;
+
+use axum::{Json, extract::State};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    db::{
+        self,
+        invitations::{Invitation, Redeem},
+    },
+    domain::{ids::ExternalId, token::hash_token},
+    http::{
+        AppState,
+        error::{ApiError, ApiResult},
+        extract::{JsonBody, PathUuid, QueryParams},
+    },
+};
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InvitationList {
+    pub invitations: Vec<Invitation>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemRequest {
+    pub token: String,
+}
+
+fn not_found(id: uuid::Uuid) -> ApiError {
+    ApiError::NotFound(format!("no invitation with id {id}"))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+) -> ApiResult<Json<Invitation>> {
+    db::invitations::get(&state.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found(id))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<HashMap<String, String>>,
+) -> ApiResult<Json<InvitationList>> {
+    let mut job_id = None;
+    let mut candidate_id = None;
+    for (key, value) in &query {
+        let id =
+            ExternalId::parse(value).map_err(|why| ApiError::Validation(format!("{key}: {why}")));
+        match key.as_str() {
+            "job_id" => job_id = Some(id?),
+            "candidate_id" => candidate_id = Some(id?),
+            other => {
+                return Err(ApiError::Validation(format!(
+                    "unknown query parameter {other:?}"
+                )));
+            }
+        }
+    }
+    let invitations = db::invitations::list(
+        &state.pool,
+        job_id.as_ref().map(ExternalId::as_str),
+        candidate_id.as_ref().map(ExternalId::as_str),
+        500,
+    )
+    .await?;
+    Ok(Json(InvitationList { invitations }))
+}
+
+/// The first use of a live link answers 200 and the invitation, now IN_PROGRESS.
+pub async fn redeem(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<RedeemRequest>,
+) -> ApiResult<Json<Invitation>> {
+    let token = body.token.trim();
+    if token.is_empty() || token.len() > 512 {
+        return Err(ApiError::TokenInvalid);
+    }
+    match db::invitations::redeem(&state.pool, &hash_token(token)).await? {
+        Redeem::Redeemed(invitation) => {
+            metrics::counter!("invitations_redeemed_total").increment(1);
+            Ok(Json(invitation))
+        }
+        Redeem::Unknown => Err(ApiError::TokenInvalid),
+        Redeem::Used => Err(ApiError::TokenUsed),
+        Redeem::ExpiredOrRevoked => Err(ApiError::TokenExpired),
+    }
+}
+
+async fn transition(
+    state: &AppState,
+    id: uuid::Uuid,
+    from: &str,
+    to: &str,
+) -> ApiResult<Json<Invitation>> {
+    if let Some(invitation) = db::invitations::transition(&state.pool, id, from, to).await? {
+        return Ok(Json(invitation));
+    }
+    let current = db::invitations::get(&state.pool, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    Err(ApiError::InvalidTransition(format!(
+        "invitation {id} is {}; only a {from} invitation can become {to}",
+        current.status
+    )))
+}
+
+/// IN_PROGRESS → COMPLETED.
+pub async fn complete(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+) -> ApiResult<Json<Invitation>> {
+    transition(&state, id, "IN_PROGRESS", "COMPLETED").await
+}
+
+/// PENDING → REVOKED: the link stops working at once.
+pub async fn revoke(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+) -> ApiResult<Json<Invitation>> {
+    transition(&state, id, "PENDING", "REVOKED").await
+}
