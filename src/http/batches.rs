@@ -1,5 +1,6 @@
 //! Batches: create (one transaction with the queue tasks), read, list items.
 
+use crate::http::error::Problem;
 use std::{
     collections::{HashMap, HashSet},
     time::Duration,
@@ -324,6 +325,14 @@ fn replay(existing: BatchRow, hash: &[u8]) -> ApiResult<Response> {
 /// `POST /v1/batches`: the batch, its items and one queue task per item, in one
 /// transaction; a request that fails any check writes nothing. With an
 /// `Idempotency-Key`, a repeat (also a concurrent one) gets the same batch back.
+#[utoipa::path(post, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII; a repeat with the same body returns the same batch")),
+    request_body = BatchRequest,
+    responses((status = 202, description = "Accepted: the batch, its items and their queue tasks exist", body = BatchView,
+            headers(("Location" = String, description = "/v1/batches/{id}"))),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "validation_failed, batch_too_large, empty_batch, count_mismatch, duplicate_candidates, invalid_duration, idempotency_key_reused", body = Problem, content_type = "application/problem+json")))]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -407,6 +416,12 @@ pub struct Preview {
 }
 
 /// Every check of a real send, and what would happen to each candidate; writes nothing.
+#[utoipa::path(post, path = "/v1/batches/preview", tag = "batches", security(("bearer" = [])),
+    request_body = BatchRequest,
+    responses((status = 200, description = "What a send would do; nothing written", body = Preview),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "validation_failed, batch_too_large, empty_batch, count_mismatch, duplicate_candidates, invalid_duration", body = Problem, content_type = "application/problem+json")))]
 pub async fn preview(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<BatchRequest>,
@@ -445,6 +460,10 @@ pub struct BatchList {
 }
 
 /// `GET /v1/batches?job_id=&status=&limit=`, newest first.
+#[utoipa::path(get, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
+    params(("job_id" = Option<String>, Query), ("status" = Option<BatchStatus>, Query),
+        ("limit" = Option<i64>, Query, description = "1 to 500, default 50")),
+    responses((status = 200, description = "Newest first", body = BatchList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<HashMap<String, String>>,
@@ -510,6 +529,11 @@ pub struct RetryCandidate {
 }
 
 /// Puts failed items (all, or the ones listed) back through the queue.
+#[utoipa::path(post, path = "/v1/batches/{id}/retry", tag = "batches", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body(content = Option<RetryRequest>, description = "Omit to retry every failed item"),
+    responses((status = 202, description = "Failed items are pending again", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "not_retryable, invalid_transition", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn retry(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
@@ -567,6 +591,10 @@ pub async fn retry(
 
 /// Skips every pending item (`cancelled`) and revokes their links; sent items stay
 /// sent. Waits for sends already on their way so each ends as what really happened.
+#[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, description = "Cancelled", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
 pub async fn cancel(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
@@ -597,6 +625,9 @@ pub async fn cancel(
     }
 }
 
+#[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, description = "The batch", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
@@ -612,6 +643,10 @@ pub struct ItemList {
     pub items: Vec<ItemView>,
 }
 
+#[utoipa::path(get, path = "/v1/batches/{id}/items", tag = "batches", security(("bearer" = [])),
+    params(("id" = Uuid, Path), ("status" = Option<ItemStatus>, Query)),
+    responses((status = 200, description = "The items, in request order", body = ItemList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn items(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,

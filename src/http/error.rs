@@ -65,78 +65,113 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+macro_rules! error_codes {
+    ($($variant:ident = $text:literal),+ $(,)?) => {
+        /// Every stable error `code` the API answers with.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $($variant),+
+        }
+
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $text),+
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    Unauthorized = "unauthorized",
+    NotFound = "not_found",
+    MethodNotAllowed = "method_not_allowed",
+    ValidationFailed = "validation_failed",
+    BatchTooLarge = "batch_too_large",
+    EmptyBatch = "empty_batch",
+    CountMismatch = "count_mismatch",
+    DuplicateCandidates = "duplicate_candidates",
+    InvalidDuration = "invalid_duration",
+    JobNotFound = "job_not_found",
+    JobClosed = "job_closed",
+    IdempotencyKeyReused = "idempotency_key_reused",
+    NotRetryable = "not_retryable",
+    InvalidTransition = "invalid_transition",
+    TokenInvalid = "token_invalid",
+    TokenUsed = "token_used",
+    TokenExpired = "token_expired",
+    PayloadTooLarge = "payload_too_large",
+    UnsupportedMediaType = "unsupported_media_type",
+    NotReady = "not_ready",
+    Internal = "internal",
+}
+
 impl ApiError {
     /// Status, stable code and title.
-    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
-        use ApiError::*;
+    fn parts(&self) -> (StatusCode, ErrorCode, &'static str) {
+        use ApiError as E;
+        use ErrorCode as C;
+        use StatusCode as S;
         match self {
-            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
-            NotFound(_) => (StatusCode::NOT_FOUND, "not_found", "Not found"),
-            MethodNotAllowed(_) => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+            E::Unauthorized => (S::UNAUTHORIZED, C::Unauthorized, "Unauthorized"),
+            E::NotFound(_) => (S::NOT_FOUND, C::NotFound, "Not found"),
+            E::MethodNotAllowed(_) => (
+                S::METHOD_NOT_ALLOWED,
+                C::MethodNotAllowed,
                 "Method not allowed",
             ),
-            Validation(_) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
+            E::Validation(_) => (
+                S::UNPROCESSABLE_ENTITY,
+                C::ValidationFailed,
                 "Validation failed",
             ),
-            BatchTooLarge { .. } => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "batch_too_large",
-                "Batch too large",
-            ),
-            EmptyBatch => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "empty_batch",
-                "Empty batch",
-            ),
-            CountMismatch { .. } => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "count_mismatch",
-                "Count mismatch",
-            ),
-            DuplicateCandidates(_) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "duplicate_candidates",
+            E::BatchTooLarge { .. } => {
+                (S::UNPROCESSABLE_ENTITY, C::BatchTooLarge, "Batch too large")
+            }
+            E::EmptyBatch => (S::UNPROCESSABLE_ENTITY, C::EmptyBatch, "Empty batch"),
+            E::CountMismatch { .. } => {
+                (S::UNPROCESSABLE_ENTITY, C::CountMismatch, "Count mismatch")
+            }
+            E::DuplicateCandidates(_) => (
+                S::UNPROCESSABLE_ENTITY,
+                C::DuplicateCandidates,
                 "Duplicate candidates",
             ),
-            InvalidDuration { .. } => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_duration",
+            E::InvalidDuration { .. } => (
+                S::UNPROCESSABLE_ENTITY,
+                C::InvalidDuration,
                 "Invalid duration",
             ),
-            JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", "Job not found"),
-            JobClosed(_) => (StatusCode::CONFLICT, "job_closed", "Job closed"),
-            IdempotencyKeyReused => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
+            E::JobNotFound(_) => (S::NOT_FOUND, C::JobNotFound, "Job not found"),
+            E::JobClosed(_) => (S::CONFLICT, C::JobClosed, "Job closed"),
+            E::IdempotencyKeyReused => (
+                S::UNPROCESSABLE_ENTITY,
+                C::IdempotencyKeyReused,
                 "Idempotency key reused",
             ),
-            NotRetryable(_) => (StatusCode::CONFLICT, "not_retryable", "Not retryable"),
-            InvalidTransition(_) => (
-                StatusCode::CONFLICT,
-                "invalid_transition",
-                "Invalid transition",
-            ),
-            TokenInvalid => (StatusCode::NOT_FOUND, "token_invalid", "Token invalid"),
-            TokenUsed => (StatusCode::GONE, "token_used", "Token used"),
-            TokenExpired => (StatusCode::GONE, "token_expired", "Token expired"),
-            PayloadTooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+            E::NotRetryable(_) => (S::CONFLICT, C::NotRetryable, "Not retryable"),
+            E::InvalidTransition(_) => (S::CONFLICT, C::InvalidTransition, "Invalid transition"),
+            E::TokenInvalid => (S::NOT_FOUND, C::TokenInvalid, "Token invalid"),
+            E::TokenUsed => (S::GONE, C::TokenUsed, "Token used"),
+            E::TokenExpired => (S::GONE, C::TokenExpired, "Token expired"),
+            E::PayloadTooLarge => (
+                S::PAYLOAD_TOO_LARGE,
+                C::PayloadTooLarge,
                 "Payload too large",
             ),
-            UnsupportedMediaType(_) => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+            E::UnsupportedMediaType(_) => (
+                S::UNSUPPORTED_MEDIA_TYPE,
+                C::UnsupportedMediaType,
                 "Unsupported media type",
             ),
-            NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready", "Not ready"),
-            Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
+            E::NotReady(_) => (S::SERVICE_UNAVAILABLE, C::NotReady, "Not ready"),
+            E::Internal(_) => (
+                S::INTERNAL_SERVER_ERROR,
+                C::Internal,
                 "Internal server error",
             ),
         }
@@ -151,7 +186,7 @@ pub struct Problem {
     pub title: String,
     pub status: u16,
     /// Stable, machine-readable: switch on this, not on `title` or `detail`.
-    pub code: String,
+    pub code: ErrorCode,
     pub detail: String,
 }
 
@@ -168,11 +203,11 @@ impl IntoResponse for ApiError {
         let problem = Problem {
             type_: format!(
                 "https://invite-worker.dev/problems/{}",
-                code.replace('_', "-")
+                code.as_str().replace('_', "-")
             ),
             title: title.to_owned(),
             status: status.as_u16(),
-            code: code.to_owned(),
+            code,
             detail,
         };
         let mut response = (status, axum::Json(problem)).into_response();

@@ -1,5 +1,6 @@
 //! Invitations: read, list, redeem (single use), complete, revoke.
 
+use crate::http::error::Problem;
 use std::collections::HashMap;
 
 use axum::{Json, extract::State};
@@ -33,6 +34,9 @@ fn not_found(id: uuid::Uuid) -> ApiError {
     ApiError::NotFound(format!("no invitation with id {id}"))
 }
 
+#[utoipa::path(get, path = "/v1/invitations/{id}", tag = "invitations", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, description = "The invitation", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
@@ -43,6 +47,9 @@ pub async fn get(
         .ok_or_else(|| not_found(id))
 }
 
+#[utoipa::path(get, path = "/v1/invitations", tag = "invitations", security(("bearer" = [])),
+    params(("job_id" = Option<String>, Query), ("candidate_id" = Option<String>, Query)),
+    responses((status = 200, description = "Newest first", body = InvitationList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<HashMap<String, String>>,
@@ -73,6 +80,11 @@ pub async fn list(
 }
 
 /// The first use of a live link answers 200 and the invitation, now IN_PROGRESS.
+#[utoipa::path(post, path = "/v1/invitations/redeem", tag = "invitations", security(("bearer" = [])),
+    request_body = RedeemRequest,
+    responses((status = 200, description = "First use of a live link: now IN_PROGRESS", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "token_invalid", body = Problem, content_type = "application/problem+json"), (status = 410, description = "token_used, token_expired", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn redeem(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<RedeemRequest>,
@@ -111,6 +123,10 @@ async fn transition(
 }
 
 /// IN_PROGRESS → COMPLETED.
+#[utoipa::path(post, path = "/v1/invitations/{id}/complete", tag = "invitations", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, description = "IN_PROGRESS → COMPLETED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
 pub async fn complete(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
@@ -119,6 +135,10 @@ pub async fn complete(
 }
 
 /// PENDING → REVOKED: the link stops working at once.
+#[utoipa::path(post, path = "/v1/invitations/{id}/revoke", tag = "invitations", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, description = "PENDING → REVOKED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
 pub async fn revoke(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,

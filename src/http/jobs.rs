@@ -1,5 +1,6 @@
 //! `PUT/GET /v1/jobs/{job_id}`.
 
+use crate::http::error::Problem;
 use axum::{
     Json,
     extract::{Path, State},
@@ -29,6 +30,11 @@ fn job_id(raw: &str) -> ApiResult<ExternalId> {
         .map_err(|why| ApiError::NotFound(format!("no job with id {raw:?}: a job id {why}")))
 }
 
+#[utoipa::path(put, path = "/v1/jobs/{job_id}", tag = "jobs", security(("bearer" = [])),
+    params(("job_id" = String, Path, description = "The web app's id: 1 to 128 of [A-Za-z0-9._:-]")),
+    request_body = PutJob,
+    responses((status = 201, description = "Created", body = Job), (status = 200, description = "Updated", body = Job),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn put_job(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
@@ -57,6 +63,9 @@ pub async fn put_job(
     Ok((status, Json(job)))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", security(("bearer" = [])),
+    params(("job_id" = String, Path)),
+    responses((status = 200, description = "The job", body = Job), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub async fn get_job(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,

@@ -5,6 +5,7 @@ pub mod error;
 pub mod extract;
 pub mod invitations;
 pub mod jobs;
+pub mod openapi;
 pub mod service;
 
 use std::sync::Arc;
@@ -47,7 +48,8 @@ pub fn router(state: AppState) -> Router {
     let service = Router::new()
         .route("/healthz", get(service::healthz))
         .route("/readyz", get(service::readyz))
-        .route("/metrics", get(service::metrics));
+        .route("/metrics", get(service::metrics))
+        .route("/openapi.json", get(service::openapi));
     let app = if state.role == Role::Worker {
         service
     } else {

@@ -1,5 +1,6 @@
 //! Service routes (no auth): liveness, readiness, metrics.
 
+use crate::http::error::Problem;
 use axum::{Json, extract::State, http::header, response::IntoResponse};
 use serde_json::json;
 
@@ -10,11 +11,14 @@ use crate::{
 };
 
 /// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "The process is alive")))]
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
 /// The database answers and every migration is applied.
+#[utoipa::path(get, path = "/readyz", tag = "service",
+    responses((status = 200, description = "Database reachable, migrations applied"), (status = 503, description = "not_ready", body = Problem, content_type = "application/problem+json")))]
 pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     if sqlx::query("SELECT 1").execute(&state.pool).await.is_err() {
         return Err(ApiError::NotReady("the database does not answer".into()));
@@ -28,9 +32,18 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
 }
 
 /// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::render_metrics(),
     )
+}
+
+/// The OpenAPI document, generated from the handlers and types.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
+pub async fn openapi() -> impl IntoResponse {
+    Json(crate::http::openapi::document())
 }
