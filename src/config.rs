@@ -298,11 +298,14 @@ impl Settings {
     }
 }
 
-/// figment reports errors with the profile as the first path segment ("default.");
-/// keep the message on one line and drop that prefix.
+/// One line: the key, then what is wrong with its value.
 fn one_line(e: &figment::Error) -> String {
-    let text = e.to_string().replace('\n', " ");
-    text.replace("\"default.", "\"")
+    let what = e.kind.to_string().replace('\n', " ");
+    if e.path.is_empty() {
+        what
+    } else {
+        format!("{}: {what}", e.path.join("."))
+    }
 }
 
 fn env_value(raw: &str) -> figment::value::Value {
