@@ -96,6 +96,8 @@ CREATE TABLE batch_items (
     CONSTRAINT item_sent_has_invitation CHECK (status <> 'sent' OR (invitation_id IS NOT NULL AND sent_at IS NOT NULL))
 );
 CREATE INDEX batch_items_batch_status ON batch_items (batch_id, status, position);
+-- The maintenance sweep looks only at pending items.
+CREATE INDEX batch_items_pending ON batch_items (task_id) WHERE status = 'pending';
 
 -- A unique, single-use link for one candidate and one job. The token itself is never
 -- stored: only its SHA-256. EXPIRED is not stored either: a PENDING invitation whose

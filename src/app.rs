@@ -62,10 +62,12 @@ pub async fn start(
             mailer: Arc::new(Mailer::new(&settings)?),
             settings: settings.clone(),
         });
-        let settings = settings.clone();
-        let stop = shutdown.clone();
+        let (pool, settings, stop) = (pool.clone(), settings.clone(), shutdown.clone());
         Some(tokio::spawn(async move {
-            queue::worker::run(deliverer, &settings, stop).await
+            let maintenance = queue::maintenance::run(pool, &settings, stop.clone());
+            let (workers, ()) =
+                tokio::join!(queue::worker::run(deliverer, &settings, stop), maintenance);
+            workers
         }))
     };
 

@@ -59,6 +59,8 @@ pub struct WorkerSettings {
     pub heartbeat_secs: u64,
     pub recover_after_secs: u64,
     pub shutdown_timeout_secs: u64,
+    pub maintenance_interval_secs: u64,
+    pub task_retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +239,9 @@ impl Settings {
                 "worker.recover_after_secs",
                 "must be at least twice worker.heartbeat_secs",
             );
+        }
+        if self.worker.maintenance_interval_secs == 0 {
+            return fail("worker.maintenance_interval_secs", "must be at least 1");
         }
         if self.batch.max_size == 0 {
             return fail("batch.max_size", "must be at least 1");

@@ -8,6 +8,7 @@
 //! restart.
 
 pub mod deliver;
+pub mod maintenance;
 pub mod worker;
 
 use std::time::Duration;

@@ -23,13 +23,32 @@ use crate::{
     queue::{QUEUE, SendInvite, deliver::Deliverer},
 };
 
+/// Hands task payloads to the handler as the stored bytes. apalis decodes payloads
+/// while fetching, and one that fails to decode there ends the worker and strands the
+/// rest of its fetch; decoding in the handler instead lets a bad row be killed alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawPayload;
+
+impl Codec<Vec<u8>> for RawPayload {
+    type Error = std::convert::Infallible;
+    type Compact = Vec<u8>;
+
+    fn encode(&self, val: &Vec<u8>) -> Result<Vec<u8>, Self::Error> {
+        Ok(val.clone())
+    }
+
+    fn decode(&self, val: &Vec<u8>) -> Result<Vec<u8>, Self::Error> {
+        Ok(val.clone())
+    }
+}
+
 /// The send-invite handler: a thin adapter from an apalis task to [`Deliverer::deliver`].
 async fn send_invite(
-    args: serde_json::Value,
+    payload: Vec<u8>,
     task_id: TaskId,
     deliverer: Data<Arc<Deliverer>>,
 ) -> Result<(), BoxDynError> {
-    let payload: SendInvite = match serde_json::from_value(args) {
+    let payload: SendInvite = match serde_json::from_slice(&payload) {
         Ok(payload) => payload,
         Err(e) => {
             tracing::error!(task = %task_id, error = %e, "undecodable send-invite task: killed");
@@ -92,16 +111,20 @@ pub async fn run(
         .missed_heartbeats(missed.max(2));
     let poll = Duration::from_millis(w.poll_interval_ms);
     let shutdown_timeout = Duration::from_secs(w.shutdown_timeout_secs);
-    let mut restart_delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(10))
-        .without_max_times()
-        .build();
+    let restart_backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(10))
+            .without_max_times()
+            .build()
+    };
+    let mut restart_delays = restart_backoff();
 
     for generation in 0u32.. {
         let pool = deliverer.pool.clone();
-        let backend = PostgresStorage::<serde_json::Value>::new(&pool)
+        let backend = PostgresStorage::<Vec<u8>>::new(&pool)
             .with_config(config.clone())
+            .with_codec(RawPayload)
             .poll_with_strategy(
                 Strategy::new()
                     .stream(Pubsub::new(pool.clone(), QUEUE.to_owned()))
@@ -114,6 +137,7 @@ pub async fn run(
             .data(deliverer.clone())
             .build(send_invite);
         tracing::info!(worker = %name, concurrency = w.concurrency, "queue worker starting");
+        let started = tokio::time::Instant::now();
 
         let stop = shutdown.clone();
         let run = worker.run_with_ctx(move |ctx| {
@@ -146,6 +170,10 @@ pub async fn run(
             Err(e) => {
                 tracing::error!(worker = %name, error = %e, "queue worker failed; restarting")
             }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            // It ran well for a while: the next failure starts the backoff afresh.
+            restart_delays = restart_backoff();
         }
         let delay = restart_delays.next().unwrap_or(Duration::from_secs(10));
         tokio::select! {

@@ -41,6 +41,7 @@ pub fn test_settings(smtp_port: u16) -> Settings {
     s.worker.heartbeat_secs = 1;
     s.worker.recover_after_secs = 3;
     s.worker.shutdown_timeout_secs = 5;
+    s.worker.maintenance_interval_secs = 1;
     s.retry.initial_delay_ms = 200;
     s.retry.max_delay_ms = 1_000;
     s.retry.multiplier = 2.0;
@@ -222,4 +223,121 @@ pub fn link_in(body: &str, base: &str) -> Option<String> {
         .map(str::trim)
         .find(|l| l.starts_with(base))
         .map(str::to_owned)
+}
+
+// ---- Helpers added for tests/api/rails.rs ----
+
+impl TestApp {
+    /// `POST {path}` with a JSON body and the bearer key.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// `POST {path}` with no body at all (no `Content-Type`) and the bearer key.
+    pub async fn post_empty(&self, path: &str) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// `POST /v1/invitations/redeem` with `{"token": token}`.
+    pub async fn redeem(&self, token: &str) -> Response {
+        self.post_json("/v1/invitations/redeem", &json!({ "token": token }))
+            .await
+    }
+
+    /// The link token in the one accepted message to `email` (the last path segment of
+    /// the link line). Panics unless exactly one message went to that address.
+    pub fn token_for(&self, email: &str) -> String {
+        let base = &self.settings.invite.link_base_url;
+        let to_them: Vec<_> = self
+            .smtp
+            .messages()
+            .into_iter()
+            .filter(|m| m.rcpt_to.iter().any(|r| r.eq_ignore_ascii_case(email)))
+            .collect();
+        assert_eq!(to_them.len(), 1, "exactly one message to {email}");
+        let link = link_in(to_them[0].body(), base).expect("a link line in the message");
+        link.rsplit('/')
+            .next()
+            .filter(|t| !t.is_empty())
+            .expect("a token after the last slash")
+            .to_owned()
+    }
+
+    /// Send-invite tasks in `apalis.jobs` for the items of `batch_id` that may still run:
+    /// Pending, Queued or Running, or Failed with attempts left.
+    pub async fn live_tasks_of_batch(&self, batch_id: &str) -> i64 {
+        let id = uuid::Uuid::parse_str(batch_id).expect("a batch id is a uuid");
+        sqlx::query_scalar(
+            "SELECT count(*) FROM apalis.jobs j
+             WHERE j.job_type = $2
+               AND (j.status IN ('Pending', 'Queued', 'Running')
+                    OR (j.status = 'Failed' AND j.attempts < j.max_attempts))
+               AND (convert_from(j.job, 'UTF8')::jsonb ->> 'item_id')::uuid IN
+                   (SELECT i.id FROM batch_items i WHERE i.batch_id = $1)",
+        )
+        .bind(id)
+        .bind(invite_worker::queue::QUEUE)
+        .fetch_one(&self.pool)
+        .await
+        .expect("count live tasks")
+    }
+
+    /// Polls the items of a batch until `done` holds for them (a bound, not a speed
+    /// assertion); returns them.
+    pub async fn wait_for_items(
+        &self,
+        id: &str,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let items = self.items(id, None).await;
+            if done(&items) {
+                return items;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "items of batch {id}: {what} did not happen within {within:?}: {items:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Asserts that `r` is a problem+json with this status and code; returns the problem.
+pub async fn expect_problem(r: Response, status: StatusCode, code: &str) -> Value {
+    let got = r.status();
+    let content_type = r
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = r.text().await.expect("a response body");
+    assert_eq!(got, status, "status (body: {body})");
+    assert!(
+        content_type.starts_with("application/problem+json"),
+        "problem+json content type, got {content_type:?} (body: {body})"
+    );
+    let problem: Value = serde_json::from_str(&body).expect("a JSON problem");
+    assert_eq!(problem["code"], code, "problem code: {problem}");
+    assert_eq!(
+        problem["status"],
+        status.as_u16(),
+        "problem status: {problem}"
+    );
+    problem
 }

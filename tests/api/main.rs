@@ -3,3 +3,6 @@
 
 mod helpers;
 mod main_path;
+mod openapi;
+mod rails;
+mod resilience;

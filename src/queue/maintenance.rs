@@ -1,0 +1,105 @@
+//! Housekeeping that keeps the queue honest and small, run by every worker process.
+//!
+//! - **Sweep**: a pending item whose own task can no longer run (the task was killed,
+//!   ran out of apalis attempts after repeated database errors, or is gone) gets a new
+//!   task. Without this, such an item would stay pending for ever.
+//! - **Prune**: finished send-invite tasks older than `worker.task_retention_secs` are
+//!   deleted. apalis never deletes rows, and its ack query slows down with every
+//!   finished row a worker ever locked. Batches, items and invitations are kept.
+//!
+//! Both are safe to run from many processes at once.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::Settings,
+    queue::{self, NewTask, QUEUE},
+};
+
+/// Runs the sweep and the prune every `worker.maintenance_interval_secs` until shutdown.
+pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
+    let every = Duration::from_secs(settings.worker.maintenance_interval_secs);
+    let retention = Duration::from_secs(settings.worker.task_retention_secs);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match sweep(&pool).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                items = n,
+                "re-queued pending items whose task could not run"
+            ),
+            Err(e) => tracing::warn!(error = %e, "sweep failed; will try again"),
+        }
+        match prune(&pool, retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(tasks = n, "pruned finished queue tasks"),
+            Err(e) => tracing::warn!(error = %e, "prune failed; will try again"),
+        }
+    }
+}
+
+/// Gives every stranded pending item a fresh task; returns how many.
+pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let stranded: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT i.id FROM batch_items i
+         LEFT JOIN apalis.jobs j ON j.id = i.task_id
+         WHERE i.status = 'pending'
+           AND (j.id IS NULL
+                OR j.status IN ('Done', 'Killed')
+                OR (j.status = 'Failed' AND j.attempts >= j.max_attempts))
+         ORDER BY i.id
+         LIMIT 1000
+         FOR UPDATE OF i SKIP LOCKED",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if stranded.is_empty() {
+        return Ok(0);
+    }
+    let task_ids: Vec<String> = stranded.iter().map(|_| queue::new_task_id()).collect();
+    sqlx::query(
+        "UPDATE batch_items i SET task_id = t.task_id, sending_at = NULL, updated_at = now()
+           FROM unnest($1::uuid[], $2::text[]) AS t(id, task_id) WHERE i.id = t.id",
+    )
+    .bind(&stranded)
+    .bind(&task_ids)
+    .execute(&mut *tx)
+    .await?;
+    let tasks: Vec<NewTask<'_>> = stranded
+        .iter()
+        .zip(&task_ids)
+        .map(|(item_id, task_id)| NewTask {
+            task_id,
+            item_id: *item_id,
+            run_after: None,
+        })
+        .collect();
+    queue::push(&mut tx, &tasks).await?;
+    tx.commit().await?;
+    Ok(stranded.len())
+}
+
+/// Deletes send-invite tasks that finished more than `older_than` ago; returns how many.
+pub async fn prune(pool: &PgPool, older_than: Duration) -> anyhow::Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM apalis.jobs
+         WHERE job_type = $1
+           AND (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+           AND done_at < now() - make_interval(secs => $2)",
+    )
+    .bind(QUEUE)
+    .bind(older_than.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
