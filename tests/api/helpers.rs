@@ -341,3 +341,13 @@ pub async fn expect_problem(r: Response, status: StatusCode, code: &str) -> Valu
     );
     problem
 }
+
+impl TestApp {
+    /// Posts a batch body that must be accepted; returns its id.
+    pub async fn create_batch_with(&self, body: Value) -> String {
+        let r = self.post_batch(&body).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let body: Value = r.json().await.expect("json");
+        body["id"].as_str().expect("id").to_owned()
+    }
+}

@@ -2,6 +2,7 @@
 //! server over TCP, the real binary where a process must die.
 
 mod helpers;
+mod hostile;
 mod main_path;
 mod openapi;
 mod rails;

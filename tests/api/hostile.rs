@@ -1,0 +1,347 @@
+//! Hostile input: whatever arrives, the answer is never a 5xx, every error is
+//! problem+json with a code, nothing reaches a mail header it should not, and what is
+//! stored comes back verbatim.
+
+use proptest::{prelude::*, test_runner::TestRunner};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{KEY, TestApp, candidates, spawn_app};
+
+/// Checks one answer: below 500, and an error is problem+json with a string `code`.
+async fn assert_sane(response: reqwest::Response, what: &str) -> Result<(), TestCaseError> {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(
+        status.as_u16() < 500,
+        "{what}: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    if status.is_client_error() {
+        prop_assert_eq!(
+            content_type.as_str(),
+            "application/problem+json",
+            "{}",
+            what
+        );
+        let problem: Value =
+            serde_json::from_slice(&body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(problem["code"].is_string(), "{what}: {problem}");
+        prop_assert_eq!(problem["status"].as_u64(), Some(u64::from(status.as_u16())));
+    }
+    Ok(())
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+        ".{0,40}".prop_map(Value::String),
+        // Plausible field values, so bodies often get past the first check.
+        prop_oneof![
+            Just(json!("job-1")),
+            Just(json!(30)),
+            Just(json!("a@example.com")),
+            Just(json!("skip"))
+        ],
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("job_id".to_owned()),
+                    Just("duration_minutes".to_owned()),
+                    Just("candidates".to_owned()),
+                    Just("id".to_owned()),
+                    Just("email".to_owned()),
+                    Just("name".to_owned()),
+                    Just("expected_count".to_owned()),
+                    Just("on_duplicate".to_owned()),
+                    Just("token".to_owned()),
+                    Just("title".to_owned()),
+                    Just("status".to_owned()),
+                    "[a-z_]{1,12}"
+                ],
+                inner,
+                0..7
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn run_cases<S: Strategy>(
+    app: &TestApp,
+    rt: &tokio::runtime::Runtime,
+    cases: u32,
+    strategy: S,
+    check: impl Fn(&TestApp, S::Value) -> futures::future::BoxFuture<'_, Result<(), TestCaseError>>,
+) where
+    S::Value: std::fmt::Debug,
+{
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&strategy, |input| rt.block_on(check(app, input)));
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn with_runtime() -> (tokio::runtime::Runtime, TestApp) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let app = rt.block_on(async {
+        let app = spawn_app().await;
+        app.open_job("job-1").await;
+        app
+    });
+    (rt, app)
+}
+
+#[test]
+fn arbitrary_json_bodies_on_every_write_route_never_get_a_5xx() {
+    let (rt, app) = with_runtime();
+    let routes = prop_oneof![
+        Just((Method::POST, "/v1/batches")),
+        Just((Method::POST, "/v1/batches/preview")),
+        Just((Method::PUT, "/v1/jobs/job-2")),
+        Just((Method::POST, "/v1/invitations/redeem")),
+        Just((
+            Method::POST,
+            "/v1/batches/00000000-0000-0000-0000-000000000000/retry"
+        )),
+    ];
+    run_cases(
+        &app,
+        &rt,
+        300,
+        (routes, json_value()),
+        |app, ((method, path), body)| {
+            Box::pin(async move {
+                let r = app
+                    .client
+                    .request(method.clone(), app.url(path))
+                    .bearer_auth(KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                assert_sane(r, &format!("{method} {path} {body}")).await
+            })
+        },
+    );
+}
+
+#[test]
+fn arbitrary_bytes_headers_and_path_ids_never_get_a_5xx() {
+    let (rt, app) = with_runtime();
+    let content_types = prop_oneof![
+        Just(None),
+        Just(Some("application/json".to_owned())),
+        Just(Some("application/json; charset=utf-8".to_owned())),
+        Just(Some("text/plain".to_owned())),
+        Just(Some("application/problem+json".to_owned())),
+        "[ -~]{0,30}".prop_map(Some),
+    ];
+    let auth = prop_oneof![
+        Just(Some(format!("Bearer {KEY}"))),
+        Just(None),
+        "[ -~]{0,40}".prop_map(Some),
+    ];
+    let idempotency = prop_oneof![Just(None), "[ -~]{0,300}".prop_map(Some)];
+    let id = prop_oneof![
+        "[ -~]{0,40}",
+        ".{0,20}",
+        Just("00000000-0000-0000-0000-000000000000".to_owned())
+    ];
+    let paths = prop_oneof![
+        Just("/v1/jobs/{}"),
+        Just("/v1/batches/{}"),
+        Just("/v1/batches/{}/items"),
+        Just("/v1/batches/{}/cancel"),
+        Just("/v1/invitations/{}"),
+        Just("/v1/invitations/{}/revoke"),
+        Just("/v1/batches?limit={}"),
+        Just("/v1/batches/{}/items?status={}"),
+    ];
+    let methods = prop_oneof![
+        Just(Method::GET),
+        Just(Method::POST),
+        Just(Method::PUT),
+        Just(Method::DELETE)
+    ];
+    let body = prop::collection::vec(any::<u8>(), 0..200);
+    let strategy = (methods, paths, id, content_types, auth, idempotency, body);
+    run_cases(
+        &app,
+        &rt,
+        300,
+        strategy,
+        |app, (method, path, id, ct, auth, key, body)| {
+            Box::pin(async move {
+                let encoded: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+                let path = path.replace("{}", &encoded);
+                let mut request = app
+                    .client
+                    .request(method.clone(), app.url(&path))
+                    .body(body);
+                if let Some(ct) = &ct {
+                    request = request.header("content-type", ct);
+                }
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth);
+                }
+                if let Some(key) = &key {
+                    request = request.header("idempotency-key", key);
+                }
+                let r = request
+                    .send()
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                assert_sane(r, &format!("{method} {path} ct={ct:?}")).await
+            })
+        },
+    );
+}
+
+#[tokio::test]
+async fn oversized_and_deeply_nested_bodies_are_refused_and_write_nothing() {
+    let app = spawn_app().await;
+    app.open_job("job-1").await;
+    let before = app.row_counts().await;
+
+    let mut people = candidates("big", 100);
+    people[0]["name"] = json!("x".repeat(1_100_000));
+    let r = app
+        .post_batch(&json!({"job_id": "job-1", "duration_minutes": 30, "candidates": people}))
+        .await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let problem: Value = r.json().await.expect("problem");
+    assert_eq!(problem["code"], "payload_too_large");
+
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let r = app
+        .client
+        .post(app.url("/v1/batches"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(nested)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = r.json().await.expect("problem");
+    assert_eq!(problem["code"], "validation_failed");
+
+    assert_eq!(app.row_counts().await, before, "nothing was written");
+}
+
+#[tokio::test]
+async fn line_breaks_in_names_and_addresses_never_reach_a_header_or_a_recipient() {
+    let app = spawn_app().await;
+    app.open_job("job-1").await;
+    let people = json!([
+        {"id": "crlf-name", "email": "eve@example.com", "name": "Eve\r\nBcc: spy@evil.example\r\nX-Evil: 1"},
+        {"id": "crlf-mail", "email": "mallory@example.com\r\nBcc: spy@evil.example", "name": "Mallory"},
+        {"id": "lf-name", "email": "trent@example.com", "name": "Trent\nTo: spy@evil.example"},
+        {"id": "unicode", "email": "zoe@example.com", "name": "Zoë Ångström 山田"},
+    ]);
+    let r = app
+        .post_batch(&json!({"job_id": "job-1", "duration_minutes": 30, "candidates": people}))
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let id = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let batch = app.wait_until_completed(&id).await;
+    assert_eq!(
+        batch["summary"], "3 sent, 1 failed",
+        "the address with a line break is invalid"
+    );
+
+    for m in app.smtp.deliveries() {
+        assert_eq!(m.rcpt_to.len(), 1, "one recipient per message");
+        assert!(!m.rcpt_to[0].contains("evil"), "{:?}", m.rcpt_to);
+        let head = m
+            .data
+            .split("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(
+            !head.contains("\nbcc:") && !head.contains("\nx-evil:"),
+            "{head}"
+        );
+        assert_eq!(
+            head.matches("\nto:").count() + usize::from(head.starts_with("to:")),
+            1,
+            "{head}"
+        );
+    }
+    let zoe = app
+        .smtp
+        .messages()
+        .into_iter()
+        .find(|m| m.rcpt_to[0] == "zoe@example.com")
+        .expect("zoe got mail");
+    let to = zoe.header("To").expect("To header");
+    assert!(to.is_ascii(), "non-ASCII names are encoded: {to}");
+    assert!(to.contains("=?utf-8?"), "as an RFC 2047 encoded word: {to}");
+    assert!(to.contains("<zoe@example.com>"), "{to}");
+}
+
+#[tokio::test]
+async fn ids_and_names_with_sql_or_html_are_stored_and_returned_verbatim() {
+    let app = spawn_app().await;
+    let title = "Engineer'); DROP TABLE jobs;-- <script>alert(1)</script> & \"quotes\"";
+    let r = app.put_job("job.sql:--1", title, "open").await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let job = app.get_json("/v1/jobs/job.sql:--1").await;
+    assert_eq!(job["title"], title);
+
+    let name = "Robert'); DROP TABLE candidates;-- <img src=x onerror=alert(1)>";
+    let people = json!([{"id": "c:1--'x", "email": "bobby@example.com", "name": name}]);
+    let r = app
+        .post_batch(&json!({"job_id": "job.sql:--1", "duration_minutes": 30, "candidates": people}))
+        .await;
+    // A quote is outside the id alphabet: refused, naming the field.
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = r.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("candidates[0].id")),
+        "{problem}"
+    );
+
+    let people = json!([{"id": "c:1--x", "email": "bobby@example.com", "name": name}]);
+    let id = app
+        .create_batch_with(
+            json!({"job_id": "job.sql:--1", "duration_minutes": 30, "candidates": people}),
+        )
+        .await;
+    app.wait_until_completed(&id).await;
+    let items = app.items(&id, None).await;
+    assert_eq!(items[0]["candidate_id"], "c:1--x");
+    assert_eq!(items[0]["name"], name);
+}
