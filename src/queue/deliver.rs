@@ -77,7 +77,9 @@ impl Deliverer {
         if item.status != "pending" || item.task_id != task_id {
             return Ok(None);
         }
-        sql::mark_batch_running(&mut tx, item.batch_id).await?;
+        if item.batch_status == "queued" {
+            sql::mark_batch_running(&mut tx, item.batch_id).await?;
+        }
 
         let end = |reason: ItemReason| Ok(Some(Prepared::Done(Delivery::Ended(reason))));
         if item.job_status == "closed" {
@@ -97,29 +99,8 @@ impl Deliverer {
         let invitation_id = match item.invitation_id {
             Some(id) => id,
             None => {
-                sql::lock_candidate_for_job(&mut tx, &item.job_id, &item.candidate_id).await?;
-                if item.on_duplicate == "skip"
-                    && sql::has_other_live_invitation(
-                        &mut tx,
-                        &item.job_id,
-                        &item.candidate_id,
-                        None,
-                    )
-                    .await?
-                {
+                if item.on_duplicate == "skip" && self.already_invited(&mut tx, &item).await? {
                     let reason = ItemReason::AlreadyInvited;
-                    let message = format!(
-                        "{} already holds a live invitation for {}; skipped (on_duplicate: skip)",
-                        item.candidate_id, item.job_id
-                    );
-                    sql::add_warning(
-                        &mut tx,
-                        item.batch_id,
-                        &item.candidate_id,
-                        reason.as_str(),
-                        &message,
-                    )
-                    .await?;
                     sql::finish_item(&mut tx, &item, ended(reason, None)).await?;
                     tx.commit().await?;
                     log_end(&item, reason, None);
@@ -127,14 +108,8 @@ impl Deliverer {
                 }
                 let id = Uuid::now_v7();
                 let token = LinkToken::derive(self.secret(), id);
-                sql::insert_invitation(
-                    &mut tx,
-                    id,
-                    &item,
-                    &token.hash(),
-                    self.settings.invite.ttl_hours,
-                )
-                .await?;
+                let ttl = self.settings.invite.ttl_hours;
+                sql::insert_invitation(&mut tx, id, &item, &token.hash(), ttl).await?;
                 item.invitation_id = Some(id);
                 id
             }
@@ -238,6 +213,27 @@ impl Deliverer {
             _ => {}
         }
         Ok(outcome)
+    }
+
+    /// Whether the candidate already holds a live invitation for the job; if so, notes
+    /// the warning on the batch. Holds a per-(job, candidate) lock until the
+    /// transaction ends, so two batches racing for one candidate cannot both invite.
+    async fn already_invited(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        item: &LockedItem,
+    ) -> anyhow::Result<bool> {
+        sql::lock_candidate_for_job(tx, &item.job_id, &item.candidate_id).await?;
+        if !sql::has_other_live_invitation(tx, &item.job_id, &item.candidate_id, None).await? {
+            return Ok(false);
+        }
+        let message = format!(
+            "{} already holds a live invitation for {}; skipped (on_duplicate: skip)",
+            item.candidate_id, item.job_id
+        );
+        let code = ItemReason::AlreadyInvited.as_str();
+        sql::add_warning(tx, item.batch_id, &item.candidate_id, code, &message).await?;
+        Ok(true)
     }
 
     fn secret(&self) -> &[u8] {
