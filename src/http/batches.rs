@@ -1,10 +1,7 @@
 //! Batches: create (one transaction with the queue tasks), read, list items.
 
 use crate::http::error::Problem;
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use axum::{
     Json,
@@ -30,7 +27,7 @@ use crate::{
     http::{
         AppState,
         error::{ApiError, ApiResult},
-        extract::{JsonBody, OptionalJsonBody, PathUuid, QueryParams},
+        extract::{JsonBody, OptionalJsonBody, PathUuid, QueryParams, optional},
     },
     queue::{self, NewTask},
 };
@@ -459,6 +456,18 @@ pub struct BatchList {
     pub batches: Vec<BatchView>,
 }
 
+/// `GET /v1/batches` query: every parameter optional, empty means absent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default, deserialize_with = "optional")]
+    pub job_id: Option<ExternalId>,
+    #[serde(default, deserialize_with = "optional")]
+    pub status: Option<BatchStatus>,
+    #[serde(default, deserialize_with = "optional")]
+    pub limit: Option<i64>,
+}
+
 /// `GET /v1/batches?job_id=&status=&limit=`, newest first.
 #[utoipa::path(get, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("status" = Option<BatchStatus>, Query),
@@ -466,44 +475,18 @@ pub struct BatchList {
     responses((status = 200, description = "Newest first", body = BatchList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
-    QueryParams(query): QueryParams<HashMap<String, String>>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> ApiResult<Json<BatchList>> {
-    let mut job_id = None;
-    let mut status = None;
-    let mut limit = 50i64;
-    for (key, value) in &query {
-        match key.as_str() {
-            "job_id" => {
-                job_id = Some(
-                    ExternalId::parse(value)
-                        .map_err(|why| ApiError::Validation(format!("job_id: {why}")))?,
-                )
-            }
-            "status" => status = Some(BatchStatus::parse(value).ok_or_else(|| {
-                ApiError::Validation(format!(
-                    "status: must be one of queued, running, completed, cancelled (got {value:?})"
-                ))
-            })?),
-            "limit" => {
-                limit = value
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|l| (1..=500).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::Validation(format!("limit: must be 1 to 500 (got {value:?})"))
-                    })?
-            }
-            other => {
-                return Err(ApiError::Validation(format!(
-                    "unknown query parameter {other:?}"
-                )));
-            }
-        }
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::Validation(format!(
+            "limit: must be 1 to 500 (got {limit})"
+        )));
     }
     let rows = db::batches::list(
         &state.pool,
-        job_id.as_ref().map(ExternalId::as_str),
-        status.map(BatchStatus::as_str),
+        query.job_id.as_ref().map(ExternalId::as_str),
+        query.status.map(BatchStatus::as_str),
         limit,
     )
     .await?;
@@ -638,6 +621,14 @@ pub async fn get(
         .ok_or_else(|| ApiError::NotFound(format!("no batch with id {id}")))
 }
 
+/// `GET /v1/batches/{id}/items` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemsQuery {
+    #[serde(default, deserialize_with = "optional")]
+    pub status: Option<ItemStatus>,
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ItemList {
     pub items: Vec<ItemView>,
@@ -650,21 +641,9 @@ pub struct ItemList {
 pub async fn items(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
-    QueryParams(query): QueryParams<HashMap<String, String>>,
+    QueryParams(query): QueryParams<ItemsQuery>,
 ) -> ApiResult<Json<ItemList>> {
-    let status = match query.get("status").map(String::as_str) {
-        None | Some("") => None,
-        Some(s) => Some(ItemStatus::parse(s).ok_or_else(|| {
-            ApiError::Validation(format!(
-                "status: must be one of pending, sent, failed, skipped (got {s:?})"
-            ))
-        })?),
-    };
-    if let Some(unknown) = query.keys().find(|k| k.as_str() != "status") {
-        return Err(ApiError::Validation(format!(
-            "unknown query parameter {unknown:?}"
-        )));
-    }
+    let status = query.status;
     if db::batches::get(&state.pool, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no batch with id {id}")));
     }

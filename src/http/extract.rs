@@ -121,7 +121,23 @@ impl<S: Send + Sync> FromRequestParts<S> for PathUuid {
     }
 }
 
-/// Query parameters; a malformed query string is a 422 naming the parameter.
+/// For query parameter fields: absent or empty (`?status=`) is `None`; anything else
+/// must parse, or the request is a 422 naming the parameter.
+pub fn optional<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let raw: Option<String> = serde::Deserialize::deserialize(d)?;
+    match raw.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Query parameters into a `#[serde(deny_unknown_fields)]` struct; a malformed or
+/// unknown parameter is a 422 naming it.
 pub struct QueryParams<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {

@@ -1,8 +1,6 @@
 //! Invitations: read, list, redeem (single use), complete, revoke.
 
 use crate::http::error::Problem;
-use std::collections::HashMap;
-
 use axum::{Json, extract::State};
 use serde::{Deserialize, Serialize};
 
@@ -15,13 +13,23 @@ use crate::{
     http::{
         AppState,
         error::{ApiError, ApiResult},
-        extract::{JsonBody, PathUuid, QueryParams},
+        extract::{JsonBody, PathUuid, QueryParams, optional},
     },
 };
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InvitationList {
     pub invitations: Vec<Invitation>,
+}
+
+/// `GET /v1/invitations` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default, deserialize_with = "optional")]
+    pub job_id: Option<ExternalId>,
+    #[serde(default, deserialize_with = "optional")]
+    pub candidate_id: Option<ExternalId>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -52,23 +60,9 @@ pub async fn get(
     responses((status = 200, description = "Newest first", body = InvitationList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
-    QueryParams(query): QueryParams<HashMap<String, String>>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> ApiResult<Json<InvitationList>> {
-    let mut job_id = None;
-    let mut candidate_id = None;
-    for (key, value) in &query {
-        let id =
-            ExternalId::parse(value).map_err(|why| ApiError::Validation(format!("{key}: {why}")));
-        match key.as_str() {
-            "job_id" => job_id = Some(id?),
-            "candidate_id" => candidate_id = Some(id?),
-            other => {
-                return Err(ApiError::Validation(format!(
-                    "unknown query parameter {other:?}"
-                )));
-            }
-        }
-    }
+    let (job_id, candidate_id) = (query.job_id, query.candidate_id);
     let invitations = db::invitations::list(
         &state.pool,
         job_id.as_ref().map(ExternalId::as_str),
