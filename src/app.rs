@@ -12,7 +12,7 @@ use crate::{
     db,
     http::{self, AppState, Role},
     mail::Mailer,
-    queue::{self, deliver::Deliverer},
+    queue::{self, deliver::Deliverer, recorder::Recorder},
     telemetry,
 };
 
@@ -61,6 +61,7 @@ pub async fn start(
             pool: pool.clone(),
             mailer: Arc::new(Mailer::new(&settings)?),
             settings: settings.clone(),
+            recorder: Recorder::start(pool.clone(), settings.retry.clone()),
         });
         let (pool, settings, stop) = (pool.clone(), settings.clone(), shutdown.clone());
         Some(tokio::spawn(async move {

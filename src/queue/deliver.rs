@@ -7,8 +7,8 @@
 //!    skip`); fail it when the address is invalid; otherwise mint its invitation (once:
 //!    every attempt reuses it) and count the attempt;
 //! 2. send;
-//! 3. lock the item again and record the outcome with the batch tally, or schedule the
-//!    next attempt as a new queue task.
+//! 3. record the outcome with the batch tally, or schedule the next attempt as a new
+//!    queue task, through the [`Recorder`], which writes outcomes in groups.
 //!
 //! Safe to run twice for one task: the second run finds the item terminal, or finds a
 //! different `task_id` on it, and does nothing.
@@ -16,7 +16,6 @@
 use std::{sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use chrono::Utc;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -28,7 +27,7 @@ use crate::{
         Mailer, SendError,
         render::{InviteEmail, message_id},
     },
-    queue::{self, NewTask},
+    queue::recorder::{Outcome, Recorder},
 };
 
 /// What one run of a task did with its item.
@@ -49,6 +48,8 @@ pub struct Deliverer {
     pub pool: PgPool,
     pub mailer: Arc<Mailer>,
     pub settings: Arc<Settings>,
+    /// Writes outcomes (phase 3) in groups.
+    pub recorder: Recorder,
 }
 
 impl Deliverer {
@@ -63,7 +64,13 @@ impl Deliverer {
                 attempt,
             }) => {
                 let result = self.send(&item, invitation_id).await;
-                self.record(item_id, task_id, attempt, result).await
+                let outcome = Outcome {
+                    item_id,
+                    task_id: task_id.to_owned(),
+                    attempt,
+                    result,
+                };
+                self.recorder.record(outcome).await
             }
         }
     }
@@ -146,73 +153,6 @@ impl Deliverer {
             .build(self.mailer.from())
             .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
         self.mailer.send(&message_id, &message).await
-    }
-
-    /// Phase 3, in one transaction: the outcome, the tally, or the next attempt.
-    async fn record(
-        &self,
-        item_id: Uuid,
-        task_id: &str,
-        attempt: i32,
-        result: Result<(), SendError>,
-    ) -> anyhow::Result<Delivery> {
-        let mut tx = self.pool.begin().await?;
-        let Some(item) = sql::lock_item(&mut tx, item_id).await? else {
-            return Ok(Delivery::NothingToDo);
-        };
-        if item.status != "pending" || item.task_id != task_id {
-            // Cancelled (or otherwise ended) while the message was on its way.
-            tracing::info!(item = %item.id, status = %item.status, "item ended during its send");
-            return Ok(Delivery::NothingToDo);
-        }
-        let outcome = match &result {
-            Ok(()) => {
-                sql::finish_item(&mut tx, &item, Finish::Sent).await?;
-                Delivery::Sent
-            }
-            Err(SendError::Permanent(detail)) => {
-                sql::finish_item(&mut tx, &item, ended(ItemReason::Rejected, Some(detail))).await?;
-                Delivery::Ended(ItemReason::Rejected)
-            }
-            Err(SendError::Transient(detail)) => {
-                let max = i32::try_from(self.settings.retry.max_attempts).unwrap_or(i32::MAX);
-                if attempt >= max {
-                    let reason = ItemReason::RetriesExhausted;
-                    sql::finish_item(&mut tx, &item, ended(reason, Some(detail))).await?;
-                    Delivery::Ended(reason)
-                } else {
-                    let delay = retry_delay(&self.settings.retry, attempt);
-                    let next = queue::new_task_id();
-                    let run_at = Utc::now()
-                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-                    sql::schedule_retry(&mut tx, item.id, &next, detail, run_at).await?;
-                    queue::push(
-                        &mut tx,
-                        &[NewTask {
-                            task_id: &next,
-                            item_id: item.id,
-                            run_after: Some(delay),
-                        }],
-                    )
-                    .await?;
-                    Delivery::RetryScheduled { attempt, delay }
-                }
-            }
-        };
-        tx.commit().await?;
-        match (&outcome, &result) {
-            (Delivery::Sent, _) => {
-                metrics::counter!("invites_sent_total").increment(1);
-                tracing::info!(item = %item.id, batch = %item.batch_id, to = %mask(&item.email), attempt, "sent");
-            }
-            (Delivery::RetryScheduled { delay, .. }, Err(e)) => {
-                metrics::counter!("invite_send_retries_total").increment(1);
-                tracing::warn!(item = %item.id, to = %mask(&item.email), attempt, delay_ms = delay.as_millis() as u64, error = %e.detail(), "send failed; retry scheduled");
-            }
-            (Delivery::Ended(reason), Err(e)) => log_end(&item, *reason, Some(e.detail())),
-            _ => {}
-        }
-        Ok(outcome)
     }
 
     /// Whether the candidate already holds a live invitation for the job; if so, notes

@@ -9,6 +9,7 @@
 
 pub mod deliver;
 pub mod maintenance;
+pub mod recorder;
 pub mod worker;
 
 use std::time::Duration;
