@@ -351,3 +351,72 @@ impl TestApp {
         body["id"].as_str().expect("id").to_owned()
     }
 }
+
+// ---- Helpers added for tests/api/faults.rs (services run as child processes) ----
+
+/// An HTTP client whose every request gives up after 10 s, so a hung service fails the
+/// test instead of hanging it.
+pub fn bounded_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// A migrated database of its own and an SMTP server, for a service the test runs as
+/// child processes (`process::Service`): a `TestApp` with no in-process service. Its
+/// `base` is empty until the test points it at a running process (`app.base =
+/// process.base()`); its pool is the test's own view of the database.
+pub async fn prepare_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let smtp = SmtpServer::start().await.expect("SMTP server starts");
+    let mut settings = test_settings(smtp.port());
+    configure(&mut settings);
+    app::migrate(&settings).await.expect("migrations apply");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(settings.database.url.expose())
+        .await
+        .expect("the test connects to its database");
+    TestApp {
+        base: String::new(),
+        client: bounded_client(),
+        smtp,
+        pool,
+        settings,
+        running: None,
+    }
+}
+
+/// The name of the test's database (the last path segment of `database.url`).
+pub fn database_name(settings: &Settings) -> String {
+    let url = settings.database.url.expose();
+    url.rsplit('/')
+        .next()
+        .and_then(|s| s.split('?').next())
+        .expect("a database name in the URL")
+        .to_owned()
+}
+
+impl TestApp {
+    /// Send-invite tasks of the items of `batch_id`, counted per apalis status.
+    pub async fn task_statuses_of_batch(
+        &self,
+        batch_id: &str,
+    ) -> std::collections::BTreeMap<String, i64> {
+        let id = uuid::Uuid::parse_str(batch_id).expect("a batch id is a uuid");
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT j.status, count(*) FROM apalis.jobs j
+             WHERE j.job_type = $2
+               AND (convert_from(j.job, 'UTF8')::jsonb ->> 'item_id')::uuid IN
+                   (SELECT i.id FROM batch_items i WHERE i.batch_id = $1)
+             GROUP BY j.status",
+        )
+        .bind(id)
+        .bind(invite_worker::queue::QUEUE)
+        .fetch_all(&self.pool)
+        .await
+        .expect("count tasks per status");
+        rows.into_iter().collect()
+    }
+}
