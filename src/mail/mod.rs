@@ -49,10 +49,7 @@ type Smtp = AsyncSmtpTransport<Tokio1Executor>;
 enum Transport {
     /// Replaced after a timeout: a cancelled send may leave a half-finished connection
     /// in lettre's pool, which would hand the next send someone else's reply.
-    Smtp {
-        current: RwLock<Arc<Smtp>>,
-        settings: Box<Settings>,
-    },
+    Smtp(Arc<SmtpSlot>),
     File {
         dir: PathBuf,
     },
@@ -74,10 +71,10 @@ impl Mailer {
             .parse()
             .map_err(|e| anyhow::anyhow!("mail.from: {e}"))?;
         let transport = match settings.mail.transport {
-            MailTransport::Smtp => Transport::Smtp {
+            MailTransport::Smtp => Transport::Smtp(Arc::new(SmtpSlot {
                 current: RwLock::new(Arc::new(build_smtp(settings)?)),
-                settings: Box::new(settings.clone()),
-            },
+                settings: settings.clone(),
+            })),
             MailTransport::File => {
                 std::fs::create_dir_all(&settings.mail.outbox_dir).map_err(|e| {
                     anyhow::anyhow!(
@@ -107,50 +104,71 @@ impl Mailer {
     pub fn outbox_dir(&self) -> Option<&Path> {
         match &self.transport {
             Transport::File { dir } => Some(dir),
-            Transport::Smtp { .. } => None,
+            Transport::Smtp(_) => None,
         }
     }
 
     /// Sends one message, waiting for the rate limit first. `key` names the message
     /// (the item's Message-ID); the file transport writes `{key}.eml`, so a repeated
     /// attempt overwrites rather than duplicates.
+    ///
+    /// Cancel-safe: the SMTP exchange runs in a task of its own, so a caller dropped
+    /// mid-send (a worker ended by a database error drops its handlers) never leaves a
+    /// half-finished connection in the pool for the next send to trip over.
     pub async fn send(&self, key: &str, message: &Message) -> Result<(), SendError> {
         self.limiter.until_ready().await;
         match &self.transport {
             Transport::File { dir } => write_eml(dir, key, message).await,
-            Transport::Smtp { current, settings } => {
-                let smtp = current
-                    .read()
-                    .map(|t| Arc::clone(&t))
-                    .unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()));
-                match tokio::time::timeout(self.timeout, smtp.send(message.clone())).await {
-                    Ok(Ok(_response)) => Ok(()),
-                    Ok(Err(e)) => Err(classify(&e)),
-                    Err(_elapsed) => {
-                        self.replace_transport(current, &smtp, settings);
-                        Err(SendError::Transient(format!(
-                            "timeout: no reply within {} s",
-                            self.timeout.as_secs()
-                        )))
-                    }
+            Transport::Smtp(slot) => {
+                let (slot, message, timeout) = (Arc::clone(slot), message.clone(), self.timeout);
+                tokio::spawn(async move { slot.send(message, timeout).await })
+                    .await
+                    .unwrap_or_else(|e| Err(SendError::Transient(format!("send task failed: {e}"))))
+            }
+        }
+    }
+}
+
+/// The SMTP transport in use, replaceable as a whole.
+struct SmtpSlot {
+    current: RwLock<Arc<Smtp>>,
+    settings: Settings,
+}
+
+impl SmtpSlot {
+    async fn send(&self, message: Message, timeout: Duration) -> Result<(), SendError> {
+        let smtp = self
+            .current
+            .read()
+            .map(|t| Arc::clone(&t))
+            .unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()));
+        match tokio::time::timeout(timeout, smtp.send(message)).await {
+            Ok(Ok(_response)) => Ok(()),
+            Ok(Err(e)) => {
+                let (error, connection_suspect) = classify(&e);
+                if connection_suspect {
+                    self.replace(&smtp);
                 }
+                Err(error)
+            }
+            Err(_elapsed) => {
+                self.replace(&smtp);
+                Err(SendError::Transient(format!(
+                    "timeout: no reply within {} s",
+                    timeout.as_secs()
+                )))
             }
         }
     }
 
     /// Swaps in a fresh transport (a new, empty pool) unless another send did already.
-    fn replace_transport(
-        &self,
-        current: &RwLock<Arc<Smtp>>,
-        stale: &Arc<Smtp>,
-        settings: &Settings,
-    ) {
-        let Ok(fresh) = build_smtp(settings) else {
+    fn replace(&self, stale: &Arc<Smtp>) {
+        let Ok(fresh) = build_smtp(&self.settings) else {
             return;
         };
-        let mut slot = current.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&slot, stale) {
-            tracing::warn!("SMTP send timed out: discarding the connection pool");
+            tracing::warn!("discarding the SMTP connection pool");
             *slot = Arc::new(fresh);
         }
     }
@@ -180,10 +198,15 @@ fn build_smtp(settings: &Settings) -> anyhow::Result<Smtp> {
     Ok(builder.build())
 }
 
-/// 5xx is permanent; a 4xx, a refused or dropped connection, a timeout or anything
-/// else the network did is transient (a drop after DATA is ambiguous: the server may
-/// have kept the message, so the retry carries the same Message-ID and link).
-fn classify(e: &lettre::transport::smtp::Error) -> SendError {
+/// 5xx is permanent for the recipient; a 4xx, a refused or dropped connection, a
+/// timeout or anything else the network did is transient (a drop after DATA is
+/// ambiguous: the server may have kept the message, so the retry carries the same
+/// Message-ID and link). Some 5xx replies are not about the recipient at all but about
+/// us — a protocol slip (503, 5.5.x), authentication (530, 534, 535, 538), the sender
+/// address (5.1.7, 5.1.8) — and must not fail a candidate for good: they are treated
+/// as transient and logged as configuration problems. The flag says whether the
+/// connection itself is suspect and should not be reused.
+fn classify(e: &lettre::transport::smtp::Error) -> (SendError, bool) {
     let text = e.to_string();
     let detail = match e.status() {
         // "permanent error (550): 5.1.1 user unknown" → "550 5.1.1 user unknown"
@@ -193,10 +216,21 @@ fn classify(e: &lettre::transport::smtp::Error) -> SendError {
         },
         None => text,
     };
-    if e.is_permanent() {
-        SendError::Permanent(detail)
+    if !e.is_permanent() {
+        let suspect = e.status().is_none();
+        return (SendError::Transient(detail), suspect);
+    }
+    let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+    let enhanced = detail.split_whitespace().nth(1).unwrap_or_default();
+    let ours = code == "503"
+        || matches!(code.as_str(), "530" | "534" | "535" | "538")
+        || enhanced.starts_with("5.5.")
+        || matches!(enhanced, "5.1.7" | "5.1.8");
+    if ours {
+        tracing::error!(reply = %detail, "the mail server refused us, not the recipient: check [smtp] and mail.from");
+        (SendError::Transient(detail), true)
     } else {
-        SendError::Transient(detail)
+        (SendError::Permanent(detail), false)
     }
 }
 

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::{
     config::{RetrySettings, Settings},
-    db::delivery::{self as sql, Finish, LockedItem},
+    db::delivery::{self as sql, Change, LockedItem},
     domain::{email::CandidateEmail, email::mask, states::ItemReason, token::LinkToken},
     mail::{
         Mailer, SendError,
@@ -88,31 +88,35 @@ impl Deliverer {
             sql::mark_batch_running(&mut tx, item.batch_id).await?;
         }
 
-        let end = |reason: ItemReason| Ok(Some(Prepared::Done(Delivery::Ended(reason))));
-        if item.job_status == "closed" {
-            sql::finish_item(&mut tx, &item, ended(ItemReason::JobClosed, None)).await?;
+        let ending = if item.job_status == "closed" {
+            Some((ItemReason::JobClosed, None))
+        } else if let Err(e) = CandidateEmail::parse(&item.email) {
+            Some((ItemReason::InvalidEmail, Some(e.to_string())))
+        } else if item.invitation_id.is_none()
+            && item.on_duplicate == "skip"
+            && self.already_invited(&mut tx, &item).await?
+        {
+            Some((ItemReason::AlreadyInvited, None))
+        } else {
+            None
+        };
+        if let Some((reason, why)) = ending {
+            let change = Change::Finish {
+                item: item.id,
+                status: reason.status(),
+                reason: Some(reason),
+                last_error: why.clone(),
+            };
+            sql::apply(&mut tx, std::slice::from_ref(&item), &[change]).await?;
             tx.commit().await?;
-            log_end(&item, ItemReason::JobClosed, None);
-            return end(ItemReason::JobClosed);
-        }
-        if let Err(e) = CandidateEmail::parse(&item.email) {
-            let why = e.to_string();
-            sql::finish_item(&mut tx, &item, ended(ItemReason::InvalidEmail, Some(&why))).await?;
-            tx.commit().await?;
-            log_end(&item, ItemReason::InvalidEmail, Some(&why));
-            return end(ItemReason::InvalidEmail);
+            log_end(&item, reason, why.as_deref());
+            return Ok(Some(Prepared::Done(Delivery::Ended(reason))));
         }
 
         let invitation_id = match item.invitation_id {
             Some(id) => id,
             None => {
-                if item.on_duplicate == "skip" && self.already_invited(&mut tx, &item).await? {
-                    let reason = ItemReason::AlreadyInvited;
-                    sql::finish_item(&mut tx, &item, ended(reason, None)).await?;
-                    tx.commit().await?;
-                    log_end(&item, reason, None);
-                    return end(reason);
-                }
+                // Minted once; every later attempt of the item reuses it (same link).
                 let id = Uuid::now_v7();
                 let token = LinkToken::derive(self.secret(), id);
                 let ttl = self.settings.invite.ttl_hours;
@@ -188,10 +192,6 @@ enum Prepared {
         attempt: i32,
     },
     Done(Delivery),
-}
-
-fn ended(reason: ItemReason, last_error: Option<&str>) -> Finish<'_> {
-    Finish::Ended { reason, last_error }
 }
 
 fn log_end(item: &LockedItem, reason: ItemReason, detail: Option<&str>) {

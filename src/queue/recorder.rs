@@ -82,19 +82,29 @@ async fn write_groups(pool: PgPool, retry: RetrySettings, mut receiver: mpsc::Re
             }
         }
         let outcomes: Vec<&Outcome> = group.iter().map(|p| &p.outcome).collect();
-        match write_group(&pool, &retry, &outcomes).await {
-            Ok(results) => {
-                for (pending, result) in group.into_iter().zip(results) {
-                    let _ = pending.reply.send(Ok(result));
+        let results = match write_group(&pool, &retry, &outcomes).await {
+            Ok(results) => results.into_iter().map(Ok).collect(),
+            // One outcome the database refuses must not fail its neighbours (each
+            // failure re-runs a task, and a re-run re-sends): write them one by one.
+            Err(e) if outcomes.len() > 1 => {
+                tracing::warn!(error = %format!("{e:#}"), outcomes = outcomes.len(),
+                    "recording a group failed; recording its outcomes one by one");
+                let mut results = Vec::with_capacity(outcomes.len());
+                for outcome in &outcomes {
+                    results.push(
+                        write_group(&pool, &retry, std::slice::from_ref(outcome))
+                            .await
+                            .map(|mut r| r.remove(0))
+                            .map_err(|e| format!("recording the outcome failed: {e:#}")),
+                    );
                 }
+                results
             }
-            Err(e) => {
-                // Every task of the group reports the failure; apalis runs them again.
-                let message = format!("recording {} outcomes failed: {e:#}", group.len());
-                for pending in group {
-                    let _ = pending.reply.send(Err(message.clone()));
-                }
-            }
+            Err(e) => vec![Err(format!("recording the outcome failed: {e:#}"))],
+        };
+        for (pending, result) in group.into_iter().zip(results) {
+            // The task may be gone (shutdown); its outcome is committed regardless.
+            let _ = pending.reply.send(result);
         }
     }
 }

@@ -44,6 +44,21 @@ fn messages_to(app: &TestApp, email: &str) -> Vec<Received> {
         .collect()
 }
 
+/// `(candidate_id, code)` of each warning of a batch, in order.
+fn warning_pairs(batch: &Value) -> Vec<(String, String)> {
+    batch["warnings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a warnings array: {batch}"))
+        .iter()
+        .map(|w| {
+            (
+                w["candidate_id"].as_str().unwrap_or_default().to_owned(),
+                w["code"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// A batch body with an explicit `on_duplicate`.
 fn batch_body(job_id: &str, people: &[Value], on_duplicate: &str) -> Value {
     json!({"job_id": job_id, "duration_minutes": 30, "candidates": people,
@@ -328,19 +343,8 @@ async fn a_candidate_with_a_pending_invitation_is_skipped_with_a_warning_under_s
         .await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let accepted: Value = r.json().await.expect("the batch as JSON");
-    let warnings: Vec<(String, String)> = accepted["warnings"]
-        .as_array()
-        .expect("warnings")
-        .iter()
-        .map(|w| {
-            (
-                w["candidate_id"].as_str().unwrap_or_default().to_owned(),
-                w["code"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
     assert_eq!(
-        warnings,
+        warning_pairs(&accepted),
         vec![("cand-x".to_owned(), "already_invited".to_owned())],
         "the 202 body warns about X only: {accepted}"
     );
@@ -352,6 +356,11 @@ async fn a_candidate_with_a_pending_invitation_is_skipped_with_a_warning_under_s
         "{done}"
     );
     assert_eq!(done["summary"], "1 sent, 0 failed, 1 skipped");
+    assert_eq!(
+        warning_pairs(&done),
+        vec![("cand-x".to_owned(), "already_invited".to_owned())],
+        "the completed batch lists the warning once: {done}"
+    );
     let items = app.items(&second, None).await;
     let skipped = item_of(&items, "cand-x");
     assert_eq!(skipped["status"], "skipped", "{skipped}");
@@ -370,15 +379,9 @@ async fn a_candidate_with_a_pending_invitation_is_skipped_with_a_warning_under_s
     let r = app.post_batch(&batch_body("job-j", &[x], "send")).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let accepted: Value = r.json().await.expect("the batch as JSON");
-    let warned: Vec<&Value> = accepted["warnings"]
-        .as_array()
-        .expect("warnings")
-        .iter()
-        .filter(|w| w["candidate_id"] == "cand-x" && w["code"] == "already_invited")
-        .collect();
     assert_eq!(
-        warned.len(),
-        1,
+        warning_pairs(&accepted),
+        vec![("cand-x".to_owned(), "already_invited".to_owned())],
         "the warning is listed under send too: {accepted}"
     );
     let third = accepted["id"].as_str().expect("an id").to_owned();
@@ -386,6 +389,11 @@ async fn a_candidate_with_a_pending_invitation_is_skipped_with_a_warning_under_s
     assert_eq!(
         done["counts"],
         json!({"pending": 0, "sent": 1, "failed": 0, "skipped": 0}),
+        "{done}"
+    );
+    assert_eq!(
+        warning_pairs(&done),
+        vec![("cand-x".to_owned(), "already_invited".to_owned())],
         "{done}"
     );
     wait_until_no_live_tasks(&app, &third).await;
@@ -525,6 +533,87 @@ async fn closing_the_job_mid_batch_skips_its_unsent_items_as_job_closed_and_send
         );
     }
     assert_eq!(app.smtp.messages().len(), 2, "only d and e got a message");
+}
+
+#[tokio::test]
+async fn closing_the_job_while_items_wait_in_the_queue_skips_them_all_without_contacting_the_mail_server()
+ {
+    // How "before they are processed" is made deterministic: one task at a time
+    // (`worker.concurrency = 1`) and a mail server that stalls after DATA for longer than
+    // the test runs (with a send timeout longer still). Once the SMTP server has the first
+    // transfer, that item's send holds the only worker slot, so the four other items
+    // cannot have started: they wait in the queue. The job is closed then; only after
+    // that is the stalled connection cut (`pause`), freeing the slot, with the server
+    // accepting everything from then on, so any send after the close would be a message.
+    let app = spawn_app_with(|s| {
+        s.worker.concurrency = 1;
+        s.smtp.timeout_secs = 300;
+    })
+    .await;
+    app.open_job("job-q").await;
+    app.smtp
+        .set_default(Step::StallAfterData(Duration::from_secs(600)));
+    let people = candidates("q", 5);
+
+    let id = app.create_batch("job-q", people.clone()).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while app.smtp.deliveries().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first send did not reach the SMTP server within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stalled = app.smtp.deliveries()[0].rcpt_to[0].to_lowercase();
+    let items = app.items(&id, None).await;
+    let started: Vec<&Value> = items
+        .iter()
+        .filter(|i| i["attempts"] != 0 || i["status"] != "pending")
+        .collect();
+    assert_eq!(
+        started.len(),
+        1,
+        "precondition: only the stalled item has started: {items:?}"
+    );
+
+    let r = app.put_job("job-q", "Backend Engineer", "closed").await;
+    assert_eq!(r.status(), StatusCode::OK, "the job is closed");
+    app.smtp.set_default(Step::Accept);
+    app.smtp.pause().await; // cuts the stalled connection: a transient failure
+    app.smtp
+        .resume()
+        .await
+        .expect("the SMTP server serves again");
+
+    let batch = app.wait_until_completed(&id).await;
+    assert_eq!(
+        batch["counts"],
+        json!({"pending": 0, "sent": 0, "failed": 0, "skipped": 5}),
+        "{batch}"
+    );
+    assert_eq!(batch["summary"], "0 sent, 0 failed, 5 skipped");
+    let items = app.items(&id, None).await;
+    for item in &items {
+        assert_eq!(item["status"], "skipped", "{item}");
+        assert_eq!(item["reason"], "job_closed", "{item}");
+        let expected_attempts = if item["email"] == stalled.as_str() {
+            1
+        } else {
+            0
+        };
+        assert_eq!(item["attempts"], expected_attempts, "{item}");
+    }
+    wait_until_no_live_tasks(&app, &id).await;
+    for person in &people {
+        let email = person["email"].as_str().expect("an email");
+        let expected = usize::from(email == stalled);
+        assert_eq!(
+            app.smtp.attempts(email),
+            expected,
+            "{email}: only the stalled send reached the SMTP server"
+        );
+    }
+    assert!(app.smtp.messages().is_empty(), "no message was sent");
 }
 
 #[tokio::test]

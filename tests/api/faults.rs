@@ -12,14 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use invite_worker::testkit::smtp::{Received, SmtpServer, Step};
+use invite_worker::{
+    mail::Mailer,
+    testkit::smtp::{Received, SmtpServer, Step},
+};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
 use crate::{
     helpers::{
         KEY, TestApp, bounded_client, candidates, database_name, link_in, prepare_app_with,
-        server_url, spawn_app_with,
+        server_url, spawn_app_with, test_settings,
     },
     process::Service,
 };
@@ -566,4 +569,49 @@ async fn logs_show_masked_addresses_but_no_address_link_token_or_api_key() {
         let leaks = lines_with(value);
         assert!(leaks.is_empty(), "{what} appears in the log: {leaks:#?}");
     }
+}
+
+/// Found by the connection-cut test above: a database error ends the apalis worker,
+/// which drops its in-flight handlers, so a send can be cancelled from outside in the
+/// middle of its SMTP exchange. Its half-used connection must not serve the next send:
+/// seen there as an innocent candidate failed `rejected` with "503 5.5.1 nested MAIL
+/// command" (the server's answer to a MAIL FROM inside an unfinished transaction).
+/// Here the cancellation is made deterministic: the first send is dropped while the
+/// server sits on its DATA.
+#[tokio::test]
+async fn a_send_dropped_mid_exchange_does_not_leave_its_connection_to_the_next_send() {
+    let smtp = SmtpServer::start().await.expect("SMTP server starts");
+    let mut settings = test_settings(smtp.port());
+    settings.worker.concurrency = 1; // the pool keeps one idle connection
+    settings.smtp.timeout_secs = 5;
+    let mailer = std::sync::Arc::new(Mailer::new(&settings).expect("a mailer"));
+    let message = |to: &str| {
+        lettre::Message::builder()
+            .from(settings.mail.from.parse().expect("mail.from"))
+            .to(to.parse().expect("an address"))
+            .subject("Interview")
+            .body("hello".to_owned())
+            .expect("a message")
+    };
+    let first = "dropped.a@example.com";
+    smtp.script(first, [Step::StallAfterData(Duration::from_secs(30))]);
+    let sending = tokio::spawn({
+        let (mailer, message) = (mailer.clone(), message(first));
+        async move { mailer.send("a", &message).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !smtp.deliveries().iter().any(|d| d.rcpt_to == [first]) {
+        assert!(Instant::now() < deadline, "the first send reaches DATA");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Dropped from outside, as a worker that fails drops its handlers.
+    sending.abort();
+    assert!(sending.await.is_err_and(|e| e.is_cancelled()));
+
+    // Bounded by the mailer's own whole-command timeout.
+    let next = "next.b@example.com";
+    let result = mailer.send("b", &message(next)).await;
+    assert_eq!(result, Ok(()), "the next send gets its own reply");
+    assert_eq!(smtp.attempts(next), 1);
+    assert!(smtp.messages().iter().any(|m| m.rcpt_to == [next]));
 }

@@ -242,6 +242,13 @@ async fn every_rejection_of_a_batch_answers_its_problem_code_and_leaves_nothing_
     for case in &cases {
         let response = send(&app, case).await;
         let problem = expect_problem(response, case.status, case.code).await;
+        for field in ["type", "title"] {
+            assert!(
+                problem[field].as_str().is_some_and(|v| !v.is_empty()),
+                "{}: the problem has a {field}: {problem}",
+                case.what
+            );
+        }
         let detail = problem["detail"]
             .as_str()
             .unwrap_or_else(|| panic!("{}: the problem has a detail string: {problem}", case.what));
