@@ -88,47 +88,43 @@ pub async fn has_other_live_invitation(
     .await
 }
 
-/// Records a new invitation for the item (its link is derived from the id) and links
-/// the item to it.
-#[allow(clippy::too_many_arguments)]
-pub async fn insert_invitation(
+/// An invitation to mint for an item: its id (the link is derived from it) and the
+/// SHA-256 of its token.
+pub struct Mint {
+    pub id: Uuid,
+    pub token_hash: [u8; 32],
+    pub ttl_hours: u32,
+}
+
+/// Counts one more send attempt for the item and marks its send as under way, minting
+/// its invitation first when `mint` is given (one statement); returns the new count.
+pub async fn begin_attempt(
     tx: &mut PgConnection,
-    invitation_id: Uuid,
     item: &LockedItem,
-    token_hash: &[u8; 32],
-    ttl_hours: u32,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO invitations (id, job_id, candidate_id, batch_id, item_id, token_hash,
-                                  duration_minutes, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(hours => $8))",
+    mint: Option<&Mint>,
+) -> sqlx::Result<i32> {
+    sqlx::query_scalar(
+        "WITH minted AS (
+            INSERT INTO invitations (id, job_id, candidate_id, batch_id, item_id, token_hash,
+                                     duration_minutes, expires_at)
+            SELECT $2, $3, $4, $5, $1, $6, $7, now() + make_interval(hours => $8)
+            WHERE $2::uuid IS NOT NULL
+            RETURNING id)
+         UPDATE batch_items
+            SET invitation_id = coalesce((SELECT id FROM minted), invitation_id),
+                attempts = attempts + 1, next_attempt_at = NULL, sending_at = now(),
+                updated_at = now()
+          WHERE id = $1
+         RETURNING attempts",
     )
-    .bind(invitation_id)
+    .bind(item.id)
+    .bind(mint.map(|m| m.id))
     .bind(&item.job_id)
     .bind(&item.candidate_id)
     .bind(item.batch_id)
-    .bind(item.id)
-    .bind(&token_hash[..])
+    .bind(mint.map(|m| m.token_hash.to_vec()))
     .bind(item.duration_minutes)
-    .bind(i32::try_from(ttl_hours).unwrap_or(i32::MAX))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE batch_items SET invitation_id = $2 WHERE id = $1")
-        .bind(item.id)
-        .bind(invitation_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
-/// Counts one more send attempt for the item; returns the new count.
-pub async fn begin_attempt(tx: &mut PgConnection, item_id: Uuid) -> sqlx::Result<i32> {
-    sqlx::query_scalar(
-        "UPDATE batch_items
-            SET attempts = attempts + 1, next_attempt_at = NULL, sending_at = now(), updated_at = now()
-         WHERE id = $1 RETURNING attempts",
-    )
-    .bind(item_id)
+    .bind(mint.map(|m| i32::try_from(m.ttl_hours).unwrap_or(i32::MAX)))
     .fetch_one(&mut *tx)
     .await
 }

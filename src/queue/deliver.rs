@@ -113,19 +113,26 @@ impl Deliverer {
             return Ok(Some(Prepared::Done(Delivery::Ended(reason))));
         }
 
-        let invitation_id = match item.invitation_id {
-            Some(id) => id,
+        // The invitation is minted once; every later attempt of the item reuses it, so
+        // every attempt carries the same link.
+        let (invitation_id, mint) = match item.invitation_id {
+            Some(id) => (id, None),
             None => {
-                // Minted once; every later attempt of the item reuses it (same link).
                 let id = Uuid::now_v7();
-                let token = LinkToken::derive(self.secret(), id);
-                let ttl = self.settings.invite.ttl_hours;
-                sql::insert_invitation(&mut tx, id, &item, &token.hash(), ttl).await?;
-                item.invitation_id = Some(id);
-                id
+                let token_hash = LinkToken::derive(self.secret(), id).hash();
+                let ttl_hours = self.settings.invite.ttl_hours;
+                (
+                    id,
+                    Some(sql::Mint {
+                        id,
+                        token_hash,
+                        ttl_hours,
+                    }),
+                )
             }
         };
-        let attempt = sql::begin_attempt(&mut tx, item.id).await?;
+        let attempt = sql::begin_attempt(&mut tx, &item, mint.as_ref()).await?;
+        item.invitation_id = Some(invitation_id);
         tx.commit().await?;
         Ok(Some(Prepared::Send {
             item: Box::new(item),
