@@ -9,6 +9,7 @@
 //! `domain` depends on nothing of ours.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;
