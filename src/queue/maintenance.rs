@@ -7,7 +7,9 @@
 //!   deleted. apalis never deletes rows, and its ack query slows down with every
 //!   finished row a worker ever locked. Batches, items and invitations are kept.
 //!
-//! Both are safe to run from many processes at once.
+//! - **Release**: finished tasks lose their `lock_by`, which keeps apalis' acks fast.
+//!
+//! All are safe to run from many processes at once.
 
 use std::time::Duration;
 
@@ -38,6 +40,9 @@ pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken)
                 "re-queued pending items whose task could not run"
             ),
             Err(e) => tracing::warn!(error = %e, "sweep failed; will try again"),
+        }
+        if let Err(e) = release_finished(&pool).await {
+            tracing::warn!(error = %e, "releasing finished tasks failed; will try again");
         }
         match prune(&pool, retention).await {
             Ok(0) => {}
@@ -87,6 +92,21 @@ pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
     queue::push(&mut tx, &tasks).await?;
     tx.commit().await?;
     Ok(stranded.len())
+}
+
+/// Clears `lock_by` on finished send-invite tasks. apalis' ack query reads every row
+/// still marked as locked by the acking worker, so without this a long-lived worker's
+/// acks get slower with every task it ever ran (the benchmark measured ~3,900 rows read
+/// per invite). Finished rows need no lock owner; live ones keep theirs.
+pub async fn release_finished(pool: &PgPool) -> anyhow::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE apalis.jobs SET lock_by = NULL
+         WHERE job_type = $1 AND lock_by IS NOT NULL AND status IN ('Done', 'Killed')",
+    )
+    .bind(QUEUE)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Deletes send-invite tasks that finished more than `older_than` ago; returns how many.
