@@ -29,19 +29,7 @@ pub struct LockedItem {
 
 /// Locks the item (FOR UPDATE) and reads it with its batch and job.
 pub async fn lock_item(tx: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Option<LockedItem>> {
-    sqlx::query_as(
-        "SELECT i.id, i.batch_id, i.task_id, i.status, i.attempts, i.candidate_id, i.email,
-                i.name, i.invitation_id, b.job_id, j.title AS job_title, j.status AS job_status,
-                b.status AS batch_status, b.on_duplicate, b.duration_minutes
-         FROM batch_items i
-         JOIN batches b ON b.id = i.batch_id
-         JOIN jobs j ON j.id = b.job_id
-         WHERE i.id = $1
-         FOR UPDATE OF i",
-    )
-    .bind(item_id)
-    .fetch_optional(&mut *tx)
-    .await
+    Ok(lock_items(tx, &[item_id]).await?.pop())
 }
 
 /// `queued → running` on the first item a worker picks up.
