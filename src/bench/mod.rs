@@ -157,6 +157,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     print!("{}", report::table(&results));
     print!("{}", report::sessions(&results.sustained.db_sessions));
     print!("{}", report::tables(&results.sustained.tables));
+    print!("{}", report::phase_table(&results.sustained.phases));
     println!("{}", report::cpu(&results.sustained.cpu));
     println!(
         "run took {:.0} s; service: {} WARN / {} ERROR log lines",

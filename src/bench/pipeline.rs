@@ -61,6 +61,17 @@ impl Api {
         Self::new(&self.base, &self.key)
     }
 
+    /// The service's `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(response.text().await?)
+    }
+
     pub async fn put_job(&self, job_id: &str) -> anyhow::Result<()> {
         let r = self
             .client
@@ -356,6 +367,7 @@ pub async fn sustained(
     ));
 
     let tables_before = table_scans(sampler_pool).await;
+    let phases_before = api.metrics().await.unwrap_or_default();
     let cpu_before = CpuSnapshot::take(service, sampler_pool, database).await;
     let started = Instant::now();
     // Each client's (batch number, batch id) pairs and when its last 202 arrived.
@@ -409,6 +421,7 @@ pub async fn sustained(
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
     let cpu_after = CpuSnapshot::take(service, sampler_pool, database).await;
+    let phases = report::phases(&phases_before, &api.metrics().await.unwrap_or_default());
     let tables = scans_between(tables_before, table_scans(sampler_pool).await);
     stop_sampler.store(true, Ordering::Relaxed);
     let secs = finished.duration_since(started).as_secs_f64();
@@ -448,6 +461,7 @@ pub async fn sustained(
             cpu: cpu_before.until(&cpu_after, secs),
             db_sessions,
             tables,
+            phases,
         },
         problems,
     ))

@@ -100,6 +100,87 @@ pub struct Sustained {
     /// Per-table scan counters (`pg_stat_user_tables`) moved during this phase, the
     /// tables read most first.
     pub tables: Vec<TableScans>,
+    /// Where an invite's time went, from the service's own metrics.
+    pub phases: Vec<Phase>,
+}
+
+/// The mean of one of the service's summaries over the sustained phase (deltas of its
+/// `_sum` and `_count` on `/metrics`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    /// `invite_phase_seconds{phase="send"}`, …
+    pub metric: String,
+    pub count: f64,
+    pub mean: f64,
+}
+
+/// The summaries the phase breakdown reads: per invite, the three phases (waiting for
+/// a group included); per group write, its size and how long its transaction took.
+const PHASE_METRICS: [&str; 3] = [
+    "invite_phase_seconds",
+    "group_write_seconds",
+    "group_write_size",
+];
+
+/// The mean of each [`PHASE_METRICS`] series between two `/metrics` scrapes.
+pub fn phases(before: &str, after: &str) -> Vec<Phase> {
+    let read = |text: &str| {
+        let mut series: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            for metric in PHASE_METRICS {
+                let labels = |suffix: &str| {
+                    name.strip_prefix(metric)
+                        .and_then(|rest| rest.strip_prefix(suffix))
+                        .map(|labels| format!("{metric}{labels}"))
+                };
+                if let Some(key) = labels("_sum") {
+                    series.entry(key).or_default().0 = value;
+                } else if let Some(key) = labels("_count") {
+                    series.entry(key).or_default().1 = value;
+                }
+            }
+        }
+        series
+    };
+    let before = read(before);
+    read(after)
+        .into_iter()
+        .filter_map(|(metric, (sum, count))| {
+            let (sum0, count0) = before.get(&metric).copied().unwrap_or_default();
+            let count = count - count0;
+            (count > 0.0).then(|| Phase {
+                metric,
+                count,
+                mean: (sum - sum0) / count,
+            })
+        })
+        .collect()
+}
+
+pub fn phase_table(phases: &[Phase]) -> String {
+    let mut out = String::from(
+        "where the time went during 3 (means, from the service's /metrics):
+",
+    );
+    for p in phases {
+        let (value, unit) = if p.metric.starts_with("group_write_size") {
+            (p.mean, "requests")
+        } else {
+            (p.mean * 1000.0, "ms")
+        };
+        let _ = writeln!(
+            out,
+            "  {:<50} {value:>8.2} {unit:<8} × {:.0}",
+            p.metric, p.count
+        );
+    }
+    out
 }
 
 /// How a table was read during the sustained phase (deltas of `pg_stat_user_tables`).
@@ -426,6 +507,25 @@ pub fn cpu(c: &Cpu) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phase_means_are_deltas_between_scrapes() {
+        let before = "# TYPE invite_phase_seconds summary\n\
+            invite_phase_seconds{phase=\"send\",quantile=\"0.5\"} 0.001\n\
+            invite_phase_seconds_sum{phase=\"send\"} 1\n\
+            invite_phase_seconds_count{phase=\"send\"} 100\n";
+        let after = "invite_phase_seconds_sum{phase=\"send\"} 3\n\
+            invite_phase_seconds_count{phase=\"send\"} 300\n\
+            group_write_size_sum{kind=\"prepare\"} 40\n\
+            group_write_size_count{kind=\"prepare\"} 10\n\
+            unrelated_total 5\n";
+        let phases = phases(before, after);
+        assert_eq!(phases.len(), 2, "{phases:?}");
+        assert_eq!(phases[0].metric, "group_write_size{kind=\"prepare\"}");
+        assert_eq!((phases[0].count, phases[0].mean), (10.0, 4.0));
+        assert_eq!(phases[1].metric, "invite_phase_seconds{phase=\"send\"}");
+        assert_eq!((phases[1].count, phases[1].mean), (200.0, 0.01));
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
