@@ -12,7 +12,7 @@ use crate::{
     db,
     http::{self, AppState, Role},
     mail::Mailer,
-    queue::{self, deliver::Deliverer, recorder::Recorder},
+    queue::{self, deliver::Deliverer},
     telemetry,
 };
 
@@ -57,12 +57,11 @@ pub async fn start(
     let workers = if role == Role::Api {
         None
     } else {
-        let deliverer = Arc::new(Deliverer {
-            pool: pool.clone(),
-            mailer: Arc::new(Mailer::new(&settings)?),
-            settings: settings.clone(),
-            recorder: Recorder::start(pool.clone(), settings.retry.clone()),
-        });
+        let deliverer = Arc::new(Deliverer::start(
+            pool.clone(),
+            Arc::new(Mailer::new(&settings)?),
+            settings.clone(),
+        ));
         let (pool, settings, stop) = (pool.clone(), settings.clone(), shutdown.clone());
         Some(tokio::spawn(async move {
             let maintenance = queue::maintenance::run(pool, &settings, stop.clone());

@@ -81,3 +81,32 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .await?;
     Ok(pool)
 }
+
+/// A pool connection for one of the worker's group writers (`queue::group`), held by
+/// it for good, set up so its statements are planned once and as key lookups.
+///
+/// The writers' statements (`db::delivery`) find every row by primary key or by an
+/// index on the keys they are given. Planned per execution (the pool's
+/// `force_custom_plan`), planning cost more than executing; planned once with the
+/// planner's usual freedom, a plan made while a table was nearly empty (a fresh
+/// database) kept scanning it whole as it grew. So these connections plan once, and
+/// the planner may not choose a sequential or bitmap scan, a hash or a merge join:
+/// what remains is the index lookups the statements are written for. The connection
+/// is closed, not returned to the pool, when the writer lets go of it, so these
+/// settings never reach another user of the pool.
+pub async fn writer_connection(
+    pool: &PgPool,
+) -> sqlx::Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    sqlx::raw_sql(
+        "SET plan_cache_mode = force_generic_plan;
+         SET enable_seqscan = off;
+         SET enable_bitmapscan = off;
+         SET enable_hashjoin = off;
+         SET enable_mergejoin = off;",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(conn)
+}

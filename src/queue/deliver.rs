@@ -1,34 +1,46 @@
 //! Delivering one item: the core of a send-invite task, callable without the queue.
 //!
-//! Two short transactions around the send, none held while talking to the mail
-//! server:
-//! 1. lock the item; return early if it is terminal or no longer ours; skip it when the
-//!    job is closed or the candidate already holds a live invitation (`on_duplicate:
-//!    skip`); fail it when the address is invalid; otherwise mint its invitation (once:
-//!    every attempt reuses it) and count the attempt;
+//! Three steps, no transaction held while talking to the mail server:
+//! 1. prepare ([`super::prepare`]): lock the item, decide whether it ends without a
+//!    send, mint its invitation and count the attempt; committed before anything is
+//!    sent;
 //! 2. send;
-//! 3. record the outcome with the batch tally, or schedule the next attempt as a new
-//!    queue task, through the [`Recorder`], which writes outcomes in groups.
+//! 3. record the outcome with the batch tally and the queue task, or schedule the next
+//!    attempt as a new queue task ([`super::recorder`]).
+//!
+//! Steps 1 and 3 are written in groups with the other tasks in flight
+//! ([`super::group`]): one transaction for many items, each item still exact.
 //!
 //! Safe to run twice for one task: the second run finds the item terminal, or finds a
 //! different `task_id` on it, and does nothing.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
     config::{RetrySettings, Settings},
-    db::delivery::{self as sql, Change, LockedItem},
-    domain::{email::CandidateEmail, email::mask, states::ItemReason, token::LinkToken},
+    db::delivery::LockedItem,
+    domain::{states::ItemReason, token::LinkToken},
     mail::{
         Mailer, SendError,
         render::{InviteEmail, message_id},
     },
-    queue::recorder::{Outcome, Recorder},
+    queue::{
+        self, TaskEnd,
+        group::Grouped,
+        prepare::{Prepare, Prepared, Preparer},
+        recorder::{Attempted, Outcome, Recorder},
+    },
 };
+
+/// The most items prepared, or outcomes recorded, in one transaction.
+const MAX_GROUP: usize = 128;
 
 /// What one run of a task did with its item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,99 +58,89 @@ pub enum Delivery {
 /// Everything a delivery needs; one per process, shared by all tasks.
 pub struct Deliverer {
     pub pool: PgPool,
-    pub mailer: Arc<Mailer>,
-    pub settings: Arc<Settings>,
-    /// Writes outcomes (phase 3) in groups.
-    pub recorder: Recorder,
+    mailer: Arc<Mailer>,
+    settings: Arc<Settings>,
+    preparer: Grouped<Preparer>,
+    recorder: Grouped<Recorder>,
 }
 
 impl Deliverer {
-    /// Runs one attempt for `item_id` on behalf of the queue task `task_id`.
-    pub async fn deliver(&self, item_id: Uuid, task_id: &str) -> anyhow::Result<Delivery> {
-        match self.prepare(item_id, task_id).await? {
-            None => Ok(Delivery::NothingToDo),
-            Some(Prepared::Done(outcome)) => Ok(outcome),
-            Some(Prepared::Send {
-                item,
-                invitation_id,
-                attempt,
-            }) => {
-                let result = self.send(&item, invitation_id).await;
-                let outcome = Outcome {
-                    item_id,
-                    task_id: task_id.to_owned(),
-                    attempt,
-                    result,
-                };
-                self.recorder.record(outcome).await
-            }
+    /// Starts the group writers of phases 1 and 3.
+    pub fn start(pool: PgPool, mailer: Arc<Mailer>, settings: Arc<Settings>) -> Self {
+        let preparer = Preparer {
+            pool: pool.clone(),
+            settings: settings.clone(),
+        };
+        let recorder = Recorder {
+            pool: pool.clone(),
+            retry: settings.retry.clone(),
+        };
+        Self {
+            pool,
+            mailer,
+            settings,
+            preparer: Grouped::start(preparer, MAX_GROUP),
+            recorder: Grouped::start(recorder, MAX_GROUP),
         }
     }
 
-    /// Phase 1, in one transaction.
-    async fn prepare(&self, item_id: Uuid, task_id: &str) -> anyhow::Result<Option<Prepared>> {
-        let mut tx = self.pool.begin().await?;
-        let Some(mut item) = sql::lock_item(&mut tx, item_id).await? else {
-            return Ok(None);
+    /// Runs one attempt for `item_id` on behalf of the queue task `task_id`.
+    pub async fn deliver(&self, item_id: Uuid, task_id: &str) -> anyhow::Result<Delivery> {
+        let task_id = task_id.to_owned();
+        let prepare = Prepare {
+            item_id,
+            task_id: task_id.clone(),
         };
-        if item.status != "pending" || item.task_id != task_id {
-            return Ok(None);
-        }
-        if item.batch_status == "queued" {
-            sql::mark_batch_running(&mut tx, item.batch_id).await?;
-        }
-
-        let ending = if item.job_status == "closed" {
-            Some((ItemReason::JobClosed, None))
-        } else if let Err(e) = CandidateEmail::parse(&item.email) {
-            Some((ItemReason::InvalidEmail, Some(e.to_string())))
-        } else if item.invitation_id.is_none()
-            && item.on_duplicate == "skip"
-            && self.already_invited(&mut tx, &item).await?
-        {
-            Some((ItemReason::AlreadyInvited, None))
-        } else {
-            None
-        };
-        if let Some((reason, why)) = ending {
-            let change = Change::Finish {
-                item: item.id,
-                status: reason.status(),
-                reason: Some(reason),
-                last_error: why.clone(),
-            };
-            sql::apply(&mut tx, std::slice::from_ref(&item), &[change]).await?;
-            tx.commit().await?;
-            log_end(&item, reason, why.as_deref());
-            return Ok(Some(Prepared::Done(Delivery::Ended(reason))));
-        }
-
-        // The invitation is minted once; every later attempt of the item reuses it, so
-        // every attempt carries the same link.
-        let (invitation_id, mint) = match item.invitation_id {
-            Some(id) => (id, None),
-            None => {
-                let id = Uuid::now_v7();
-                let token_hash = LinkToken::derive(self.secret(), id).hash();
-                let ttl_hours = self.settings.invite.ttl_hours;
-                (
-                    id,
-                    Some(sql::Mint {
-                        id,
-                        token_hash,
-                        ttl_hours,
-                    }),
-                )
+        let started = Instant::now();
+        let prepared = self.preparer.submit(prepare).await?;
+        let started = phase_done("prepare", started);
+        let (item, attempt, result) = match prepared {
+            Prepared::NothingToDo => {
+                self.end_task(&task_id, TaskEnd::Done).await;
+                return Ok(Delivery::NothingToDo);
+            }
+            Prepared::NotSent {
+                item,
+                reason,
+                detail,
+            } => (item, 0, Attempted::NotSent { reason, detail }),
+            Prepared::Send {
+                item,
+                invitation_id,
+                attempt,
+            } => {
+                let sent = self.send(&item, invitation_id).await;
+                (item, attempt, Attempted::Sent(sent))
             }
         };
-        let attempt = sql::begin_attempt(&mut tx, &item, mint.as_ref()).await?;
-        item.invitation_id = Some(invitation_id);
-        tx.commit().await?;
-        Ok(Some(Prepared::Send {
-            item: Box::new(item),
-            invitation_id,
+        let started = phase_done("send", started);
+        let outcome = Outcome {
+            item,
+            task_id,
             attempt,
-        }))
+            result,
+        };
+        let delivery = self.recorder.submit(outcome).await;
+        phase_done("record", started);
+        delivery
+    }
+
+    /// Ends a task the recorder did not finish ([`queue::end_task`]), trying a few
+    /// times; if the database stays unreachable, maintenance releases the task later.
+    pub async fn end_task(&self, task_id: &str, end: TaskEnd<'_>) {
+        let attempts = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_times(4);
+        let result = (|| async {
+            let mut conn = self.pool.acquire().await?;
+            queue::end_task(&mut conn, task_id, end).await
+        })
+        .retry(attempts)
+        .await;
+        if let Err(e) = result {
+            tracing::error!(task = %task_id, ?end, error = %e,
+                "could not write how the task ended; maintenance will release it");
+        }
     }
 
     /// Phase 2: build the message from stored state and hand it to the mailer.
@@ -166,48 +168,18 @@ impl Deliverer {
         self.mailer.send(&message_id, &message).await
     }
 
-    /// Whether the candidate already holds a live invitation for the job; if so, notes
-    /// the warning on the batch. Holds a per-(job, candidate) lock until the
-    /// transaction ends, so two batches racing for one candidate cannot both invite.
-    async fn already_invited(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        item: &LockedItem,
-    ) -> anyhow::Result<bool> {
-        sql::lock_candidate_for_job(tx, &item.job_id, &item.candidate_id).await?;
-        if !sql::has_other_live_invitation(tx, &item.job_id, &item.candidate_id, None).await? {
-            return Ok(false);
-        }
-        let message = format!(
-            "{} already holds a live invitation for {}; skipped (on_duplicate: skip)",
-            item.candidate_id, item.job_id
-        );
-        let code = ItemReason::AlreadyInvited.as_str();
-        sql::add_warning(tx, item.batch_id, &item.candidate_id, code, &message).await?;
-        Ok(true)
-    }
-
     fn secret(&self) -> &[u8] {
         self.settings.invite.token_secret.expose().as_bytes()
     }
 }
 
-enum Prepared {
-    Send {
-        item: Box<LockedItem>,
-        invitation_id: Uuid,
-        attempt: i32,
-    },
-    Done(Delivery),
-}
-
-fn log_end(item: &LockedItem, reason: ItemReason, detail: Option<&str>) {
-    metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
-    tracing::info!(
-        item = %item.id, batch = %item.batch_id, to = %mask(&item.email),
-        status = %reason.status(), reason = %reason, detail = detail.unwrap_or(""),
-        "item ended without a send"
-    );
+/// Records how long a phase of a delivery took (waiting for its group included);
+/// returns when the next phase starts.
+fn phase_done(phase: &'static str, started: Instant) -> Instant {
+    let now = Instant::now();
+    metrics::histogram!("invite_phase_seconds", "phase" => phase)
+        .record(now.duration_since(started).as_secs_f64());
+    now
 }
 
 /// The wait before attempt `attempt + 1`: exponential from `initial_delay_ms` by

@@ -7,7 +7,11 @@
 //!   deleted. apalis never deletes rows, and its ack query slows down with every
 //!   finished row a worker ever locked. Batches, items and invitations are kept.
 //!
-//! - **Release**: finished tasks lose their `lock_by`, which keeps apalis' acks fast.
+//! - **Release**: a task a live worker took more than [`STUCK_AFTER`] ago and never
+//!   finished runs again. Tasks are finished by this crate (see `queue::worker`); if
+//!   that write itself failed while the worker lived on, nothing else would free the
+//!   task. No legitimate run comes near the bound (a send gives up after
+//!   `smtp.timeout_secs`).
 //!
 //! All are safe to run from many processes at once.
 
@@ -41,8 +45,13 @@ pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken)
             ),
             Err(e) => tracing::warn!(error = %e, "sweep failed; will try again"),
         }
-        if let Err(e) = release_finished(&pool).await {
-            tracing::warn!(error = %e, "releasing finished tasks failed; will try again");
+        match release_stuck(&pool, STUCK_AFTER).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                tasks = n,
+                "released tasks taken long ago and never finished"
+            ),
+            Err(e) => tracing::warn!(error = %e, "releasing stuck tasks failed; will try again"),
         }
         match prune(&pool, retention).await {
             Ok(0) => {}
@@ -94,19 +103,26 @@ pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
     Ok(stranded.len())
 }
 
-/// Clears `lock_by` on finished send-invite tasks. apalis' ack query reads every row
-/// still marked as locked by the acking worker, so without this a long-lived worker's
-/// acks get slower with every task it ever ran (the benchmark measured ~3,900 rows read
-/// per invite). Finished rows need no lock owner; live ones keep theirs.
-pub async fn release_finished(pool: &PgPool) -> anyhow::Result<u64> {
-    let done = sqlx::query(
-        "UPDATE apalis.jobs SET lock_by = NULL
-         WHERE job_type = $1 AND lock_by IS NOT NULL AND status IN ('Done', 'Killed')",
+/// How long a task may stay taken (`Queued` or `Running`) before it is released.
+pub const STUCK_AFTER: Duration = Duration::from_secs(300);
+
+/// Makes tasks of pending items that were taken more than `older_than` ago and never
+/// finished runnable again; returns how many. (Found through the pending items, so
+/// the cost does not grow with the finished tasks kept.)
+pub async fn release_stuck(pool: &PgPool, older_than: Duration) -> anyhow::Result<u64> {
+    let released = sqlx::query(
+        "UPDATE apalis.jobs j
+            SET status = 'Pending', lock_by = NULL, lock_at = NULL, attempts = j.attempts + 1,
+                last_result = '{\"Err\": \"released: taken long ago and never finished\"}'
+           FROM batch_items i
+          WHERE i.status = 'pending' AND j.id = i.task_id
+            AND j.status IN ('Queued', 'Running')
+            AND j.lock_at < now() - make_interval(secs => $1)",
     )
-    .bind(QUEUE)
+    .bind(older_than.as_secs_f64())
     .execute(pool)
     .await?;
-    Ok(done.rows_affected())
+    Ok(released.rows_affected())
 }
 
 /// Deletes send-invite tasks that finished more than `older_than` ago; returns how many.

@@ -8,7 +8,9 @@
 //! restart.
 
 pub mod deliver;
+pub mod group;
 pub mod maintenance;
+pub mod prepare;
 pub mod recorder;
 pub mod worker;
 
@@ -61,5 +63,46 @@ pub async fn push(conn: &mut PgConnection, tasks: &[NewTask<'_>]) -> anyhow::Res
         built.push(builder.build());
     }
     apalis_postgres::queries::push_tasks(conn, QUEUE, built).await?;
+    Ok(())
+}
+
+/// How a task ended that the recorder did not finish (the recorder marks each task
+/// `Done` in the transaction that records its outcome).
+#[derive(Debug, Clone, Copy)]
+pub enum TaskEnd<'a> {
+    /// Nothing to do (its item was terminal, or another task's).
+    Done,
+    /// Undecodable: never run again.
+    Killed(&'a str),
+    /// A database fault: run again after `attempts` seconds, up to the task's
+    /// `max_attempts` (then the sweep gives the item a fresh task).
+    Failed(&'a str),
+}
+
+/// Writes how a task ended, in place of apalis' own ack (the workers run with
+/// `persist_results(false)`: see `queue::worker`). Only a task still taken is changed.
+pub async fn end_task(
+    conn: &mut PgConnection,
+    task_id: &str,
+    end: TaskEnd<'_>,
+) -> sqlx::Result<()> {
+    let (status, result) = match end {
+        TaskEnd::Done => ("Done", serde_json::json!({ "Ok": null })),
+        TaskEnd::Killed(why) => ("Killed", serde_json::json!({ "Err": why })),
+        TaskEnd::Failed(why) => ("Failed", serde_json::json!({ "Err": why })),
+    };
+    sqlx::query(
+        "UPDATE apalis.jobs
+            SET status = $2, last_result = $3, attempts = attempts + 1, lock_by = NULL,
+                done_at = now(),
+                run_at = CASE WHEN $2 = 'Failed'
+                              THEN now() + make_interval(secs => attempts + 1) ELSE run_at END
+          WHERE id = $1 AND status IN ('Pending', 'Queued', 'Running')",
+    )
+    .bind(task_id)
+    .bind(status)
+    .bind(sqlx::types::Json(result))
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }

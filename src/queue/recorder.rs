@@ -1,236 +1,264 @@
-//! Recording send outcomes in groups.
+//! Recording what each attempt ended in, in groups (see [`super::group`]).
 //!
-//! Every outcome must move its item, its invitation and its batch's tally in one
-//! transaction. Done one item per transaction, the items of a batch queue up on the
-//! batch row's lock and on a WAL flush each, so a batch of 100 is recorded one item
-//! at a time. The recorder takes whatever outcomes have arrived while the previous
-//! group was committing and writes them together: still one transaction for an item
-//! and its tally (so the tally is always exact), but one commit and one batch-row
-//! update per group rather than per item.
+//! Every outcome moves its item, its invitation, its batch's tally and its queue task
+//! in one transaction. Done one item per transaction, the items of a batch queue up on
+//! the batch row's lock and on a WAL flush each; grouped, a batch of 100 is recorded
+//! in a few transactions with one batch-row update each, and the tally is still exact
+//! after every commit.
+//!
+//! The queue task is marked `Done` by the same statement, so a task is finished
+//! exactly when its outcome is written, and apalis needs no ack transaction of its own
+//! (see `queue::worker`).
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
-use chrono::Utc;
-use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use chrono::{DateTime, Utc};
+use sqlx::{Acquire, PgPool, Postgres, pool::PoolConnection};
 use uuid::Uuid;
 
 use crate::{
     config::RetrySettings,
-    db::delivery::{self as sql, Change, LockedItem},
+    db::{
+        self,
+        batches::Warning,
+        delivery::{self as sql, LockedItem, Record},
+    },
     domain::{
         email::mask,
         states::{ItemReason, ItemStatus},
     },
     mail::SendError,
-    queue::{self, NewTask, deliver::Delivery, deliver::retry_delay},
+    queue::{self, NewTask, deliver::Delivery, deliver::retry_delay, group::GroupWrite},
 };
 
-/// The most outcomes written in one transaction.
-const MAX_GROUP: usize = 128;
-
-/// What one send attempt ended in, to be recorded.
+/// What one attempt ended in, to be recorded.
 #[derive(Debug)]
 pub struct Outcome {
-    pub item_id: Uuid,
-    /// The task that made the attempt: if the item names another one now, the outcome
-    /// is stale (the item was cancelled or handed over) and is dropped.
+    /// The item as phase 1 read it (under its lock, with its invitation).
+    pub item: Box<LockedItem>,
+    /// The task that made the attempt: if the item names another one now, or is no
+    /// longer pending, the outcome is stale (cancelled while the message was on its
+    /// way) and is dropped.
     pub task_id: String,
     pub attempt: i32,
-    pub result: Result<(), SendError>,
+    pub result: Attempted,
 }
 
-struct Pending {
-    outcome: Outcome,
-    reply: oneshot::Sender<Result<Delivery, String>>,
+/// What happened to the item.
+#[derive(Debug)]
+pub enum Attempted {
+    /// The message was handed to the mail server: accepted, or refused with a reply.
+    Sent(Result<(), SendError>),
+    /// Phase 1 ended the item without a send (`job_closed`, `invalid_email`,
+    /// `already_invited`), with the detail to keep as its last error.
+    NotSent {
+        reason: ItemReason,
+        detail: Option<String>,
+    },
 }
 
-/// The handle tasks record through. The writer task lives as long as a handle does.
-#[derive(Clone)]
+/// Writes groups of outcomes.
 pub struct Recorder {
-    sender: mpsc::Sender<Pending>,
+    pub pool: PgPool,
+    pub retry: RetrySettings,
 }
 
-impl Recorder {
-    pub fn start(pool: PgPool, retry: RetrySettings) -> Self {
-        let (sender, receiver) = mpsc::channel(1024);
-        tokio::spawn(write_groups(pool, retry, receiver));
-        Self { sender }
+impl GroupWrite for Recorder {
+    type Request = Outcome;
+    type Response = Delivery;
+    type Conn = PoolConnection<Postgres>;
+    const NAME: &'static str = "outcome";
+
+    async fn connect(&self) -> anyhow::Result<Self::Conn> {
+        Ok(db::writer_connection(&self.pool).await?)
     }
 
-    /// Records one outcome; returns once its group is committed.
-    pub async fn record(&self, outcome: Outcome) -> anyhow::Result<Delivery> {
-        let (reply, answer) = oneshot::channel();
-        self.sender
-            .send(Pending { outcome, reply })
-            .await
-            .map_err(|_| anyhow::anyhow!("the outcome recorder has stopped"))?;
-        answer
-            .await
-            .map_err(|_| anyhow::anyhow!("the outcome recorder dropped an outcome"))?
-            .map_err(anyhow::Error::msg)
-    }
-}
-
-async fn write_groups(pool: PgPool, retry: RetrySettings, mut receiver: mpsc::Receiver<Pending>) {
-    while let Some(first) = receiver.recv().await {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match receiver.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
-            }
-        }
-        let outcomes: Vec<&Outcome> = group.iter().map(|p| &p.outcome).collect();
-        let results = match write_group(&pool, &retry, &outcomes).await {
-            Ok(results) => results.into_iter().map(Ok).collect(),
-            // One outcome the database refuses must not fail its neighbours (each
-            // failure re-runs a task, and a re-run re-sends): write them one by one.
-            Err(e) if outcomes.len() > 1 => {
-                tracing::warn!(error = %format!("{e:#}"), outcomes = outcomes.len(),
-                    "recording a group failed; recording its outcomes one by one");
-                let mut results = Vec::with_capacity(outcomes.len());
-                for outcome in &outcomes {
-                    results.push(
-                        write_group(&pool, &retry, std::slice::from_ref(outcome))
-                            .await
-                            .map(|mut r| r.remove(0))
-                            .map_err(|e| format!("recording the outcome failed: {e:#}")),
-                    );
-                }
-                results
-            }
-            Err(e) => vec![Err(format!("recording the outcome failed: {e:#}"))],
-        };
-        for (pending, result) in group.into_iter().zip(results) {
-            // The task may be gone (shutdown); its outcome is committed regardless.
-            let _ = pending.reply.send(result);
-        }
-    }
-}
-
-/// One transaction for the whole group; results in the order of `outcomes`.
-async fn write_group(
-    pool: &PgPool,
-    retry: &RetrySettings,
-    outcomes: &[&Outcome],
-) -> anyhow::Result<Vec<Delivery>> {
-    let ids: Vec<Uuid> = outcomes.iter().map(|o| o.item_id).collect();
-    let mut tx = pool.begin().await?;
-    let items = sql::lock_items(&mut tx, &ids).await?;
-    let mut changes = Vec::with_capacity(outcomes.len());
-    let mut tasks: Vec<(Uuid, String, Duration)> = Vec::new();
-    let mut results = Vec::with_capacity(outcomes.len());
-    for outcome in outcomes {
-        let item = items.iter().find(|i| i.id == outcome.item_id);
-        let (change, delivery) = match item {
-            Some(item) => decide(item, outcome, retry),
-            None => (None, Delivery::NothingToDo),
-        };
-        if let Some(Change::Retry { item, task_id, .. }) = &change
-            && let Delivery::RetryScheduled { delay, .. } = &delivery
-        {
-            tasks.push((*item, task_id.clone(), *delay));
-        }
-        changes.extend(change);
-        results.push(delivery);
-    }
-    sql::apply(&mut tx, &items, &changes).await?;
-    if !tasks.is_empty() {
-        let new: Vec<NewTask<'_>> = tasks
+    /// One statement for the whole group, in its own transaction; with a retry among
+    /// the outcomes, the retry's new queue task is pushed in the same transaction.
+    async fn write(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        outcomes: &[Outcome],
+    ) -> anyhow::Result<Vec<Delivery>> {
+        // A second outcome for one item in one group (its task ran twice) is stale.
+        let mut seen = HashSet::with_capacity(outcomes.len());
+        let decisions: Vec<Option<Decision>> = outcomes
             .iter()
-            .map(|(item_id, task_id, delay)| NewTask {
-                task_id,
-                item_id: *item_id,
-                run_after: Some(*delay),
+            .map(|o| seen.insert(o.item.id).then(|| decide(o, &self.retry)))
+            .collect();
+        let records: Vec<Record<'_>> = outcomes
+            .iter()
+            .zip(&decisions)
+            .filter_map(|(o, d)| d.as_ref().map(|d| d.record(o)))
+            .collect();
+        let retries: Vec<NewTask<'_>> = outcomes
+            .iter()
+            .zip(&decisions)
+            .filter_map(|(o, d)| {
+                let (task_id, _, delay) = d.as_ref()?.retry.as_ref()?;
+                Some(NewTask {
+                    task_id,
+                    item_id: o.item.id,
+                    run_after: Some(*delay),
+                })
             })
             .collect();
-        queue::push(&mut tx, &new).await?;
-    }
-    tx.commit().await?;
-    for (outcome, result) in outcomes.iter().zip(&results) {
-        if let Some(item) = items.iter().find(|i| i.id == outcome.item_id) {
-            log(item, outcome, result);
+
+        let applied: HashSet<Uuid> = if retries.is_empty() {
+            sql::record(conn, &records).await?
+        } else {
+            let mut tx = conn.begin().await?;
+            let applied = sql::record(&mut tx, &records).await?;
+            let due: Vec<NewTask<'_>> = retries
+                .into_iter()
+                .filter(|t| applied.contains(&t.item_id))
+                .collect();
+            if !due.is_empty() {
+                queue::push(&mut tx, &due).await?;
+            }
+            tx.commit().await?;
+            applied
         }
+        .into_iter()
+        .collect();
+
+        Ok(outcomes
+            .iter()
+            .zip(decisions)
+            .map(|(outcome, decision)| {
+                let delivery = match decision {
+                    Some(d) if applied.contains(&outcome.item.id) => d.delivery,
+                    _ => Delivery::NothingToDo,
+                };
+                log(outcome, &delivery);
+                delivery
+            })
+            .collect())
     }
-    Ok(results)
 }
 
-/// What an outcome means for its (locked) item: 2xx → sent; 5xx → rejected; anything
-/// transient → a retry after the backoff delay, or `retries_exhausted` at the limit.
-fn decide(
-    item: &LockedItem,
-    outcome: &Outcome,
-    retry: &RetrySettings,
-) -> (Option<Change>, Delivery) {
-    if item.status != "pending" || item.task_id != outcome.task_id {
-        // Cancelled (or handed to another task) while the message was on its way.
-        return (None, Delivery::NothingToDo);
+/// What an outcome will do to its item, if the item is still its task's.
+struct Decision {
+    status: ItemStatus,
+    reason: Option<ItemReason>,
+    last_error: Option<String>,
+    /// New task id, when it is due, and the delay.
+    retry: Option<(String, DateTime<Utc>, Duration)>,
+    warning: Option<String>,
+    delivery: Delivery,
+}
+
+impl Decision {
+    fn record<'a>(&'a self, outcome: &'a Outcome) -> Record<'a> {
+        Record {
+            item: outcome.item.id,
+            task_id: &outcome.task_id,
+            status: self.status,
+            reason: self.reason,
+            last_error: self.last_error.as_deref(),
+            retry: self
+                .retry
+                .as_ref()
+                .map(|(task, at, _)| (task.as_str(), *at)),
+            warning: self.warning.clone(),
+        }
     }
-    let finish = |status, reason: Option<ItemReason>, last_error: Option<&str>| Change::Finish {
-        item: item.id,
-        status,
-        reason,
+}
+
+/// What an outcome means: 2xx → sent; 5xx → rejected; anything transient → a retry
+/// after the backoff delay, or `retries_exhausted` at the limit; an ending of phase 1
+/// as it is (`already_invited` also warns on the batch).
+fn decide(outcome: &Outcome, retry: &RetrySettings) -> Decision {
+    let end = |reason: ItemReason, last_error: Option<&str>| Decision {
+        status: reason.status(),
+        reason: Some(reason),
         last_error: last_error.map(str::to_owned),
+        retry: None,
+        warning: None,
+        delivery: Delivery::Ended(reason),
     };
     match &outcome.result {
-        Ok(()) => (Some(finish(ItemStatus::Sent, None, None)), Delivery::Sent),
-        Err(SendError::Permanent(detail)) => {
-            let reason = ItemReason::Rejected;
-            (
-                Some(finish(ItemStatus::Failed, Some(reason), Some(detail))),
-                Delivery::Ended(reason),
-            )
+        Attempted::NotSent { reason, detail } => {
+            let mut decision = end(*reason, detail.as_deref());
+            if *reason == ItemReason::AlreadyInvited {
+                decision.warning = Some(already_invited(&outcome.item));
+            }
+            decision
         }
-        Err(SendError::Transient(detail)) => {
+        Attempted::Sent(Ok(())) => Decision {
+            status: ItemStatus::Sent,
+            reason: None,
+            last_error: None,
+            retry: None,
+            warning: None,
+            delivery: Delivery::Sent,
+        },
+        Attempted::Sent(Err(SendError::Permanent(detail))) => {
+            end(ItemReason::Rejected, Some(detail))
+        }
+        Attempted::Sent(Err(SendError::Transient(detail))) => {
             let max = i32::try_from(retry.max_attempts).unwrap_or(i32::MAX);
             if outcome.attempt >= max {
-                let reason = ItemReason::RetriesExhausted;
-                return (
-                    Some(finish(ItemStatus::Failed, Some(reason), Some(detail))),
-                    Delivery::Ended(reason),
-                );
+                return end(ItemReason::RetriesExhausted, Some(detail));
             }
             let delay = retry_delay(retry, outcome.attempt);
             let run_at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-            let change = Change::Retry {
-                item: item.id,
-                task_id: queue::new_task_id(),
-                last_error: detail.clone(),
-                run_at,
-            };
-            (
-                Some(change),
-                Delivery::RetryScheduled {
+            Decision {
+                status: ItemStatus::Pending,
+                reason: None,
+                last_error: Some(detail.clone()),
+                retry: Some((queue::new_task_id(), run_at, delay)),
+                warning: None,
+                delivery: Delivery::RetryScheduled {
                     attempt: outcome.attempt,
                     delay,
                 },
-            )
+            }
         }
     }
 }
 
-fn log(item: &LockedItem, outcome: &Outcome, result: &Delivery) {
+/// The batch warning for a candidate skipped as already invited, as JSON.
+fn already_invited(item: &LockedItem) -> String {
+    let warning = Warning {
+        candidate_id: item.candidate_id.clone(),
+        code: ItemReason::AlreadyInvited.as_str().to_owned(),
+        message: format!(
+            "{} already holds a live invitation for {}; skipped (on_duplicate: skip)",
+            item.candidate_id, item.job_id
+        ),
+    };
+    serde_json::to_string(&warning).unwrap_or_default()
+}
+
+fn log(outcome: &Outcome, result: &Delivery) {
+    let item = &outcome.item;
     let to = mask(&item.email);
     match (result, &outcome.result) {
         (Delivery::Sent, _) => {
             metrics::counter!("invites_sent_total").increment(1);
             tracing::info!(item = %item.id, batch = %item.batch_id, %to, attempt = outcome.attempt, "sent");
         }
-        (Delivery::RetryScheduled { delay, .. }, Err(e)) => {
+        (Delivery::RetryScheduled { delay, .. }, Attempted::Sent(Err(e))) => {
             metrics::counter!("invite_send_retries_total").increment(1);
             tracing::warn!(item = %item.id, %to, attempt = outcome.attempt,
                 delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 error = %e.detail(), "send failed; retry scheduled");
         }
-        (Delivery::Ended(reason), Err(e)) => {
+        (Delivery::Ended(reason), Attempted::Sent(Err(e))) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
             tracing::info!(item = %item.id, batch = %item.batch_id, %to, status = %reason.status(),
                 reason = %reason, detail = %e.detail(), "item failed");
         }
+        (Delivery::Ended(reason), Attempted::NotSent { detail, .. }) => {
+            metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
+            tracing::info!(item = %item.id, batch = %item.batch_id, %to, status = %reason.status(),
+                reason = %reason, detail = detail.as_deref().unwrap_or(""),
+                "item ended without a send");
+        }
         (Delivery::NothingToDo, _) => {
-            tracing::info!(item = %item.id, status = %item.status, "item ended during its send");
+            tracing::info!(item = %item.id, "item ended (cancelled) while its message was on its way");
         }
         _ => {}
     }

@@ -10,6 +10,15 @@
 //!   `worker.recover_after_secs` bound how long a dead worker's tasks wait;
 //! - payloads are decoded in the handler, so one bad row is killed, not fatal;
 //! - no in-memory retry layer: retries are scheduled durably by the handler.
+//!
+//! Tasks are finished by this crate, not by apalis' acks (`persist_results(false)`,
+//! `lock_tasks(false)`): the recorder marks a task `Done` in the transaction that
+//! records its outcome, and [`super::end_task`] ends the others (nothing to do,
+//! undecodable, a database fault). apalis' ack and lock updates cost a transaction per
+//! fetch; its ack query reads every index entry a worker's name ever had (live or
+//! dead: 20,000–40,000 per ack in the benchmark) and it stalls dispatch while it runs.
+//! If a task's end cannot be written, maintenance releases it after a while
+//! ([`super::maintenance`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
-    queue::{QUEUE, SendInvite, deliver::Deliverer},
+    queue::{QUEUE, SendInvite, TaskEnd, deliver::Deliverer},
 };
 
 /// Hands task payloads to the handler as the stored bytes. apalis decodes payloads
@@ -48,24 +57,27 @@ async fn send_invite(
     task_id: TaskId,
     deliverer: Data<Arc<Deliverer>>,
 ) -> Result<(), BoxDynError> {
+    let task = task_id.to_string();
     let payload: SendInvite = match serde_json::from_slice(&payload) {
         Ok(payload) => payload,
         Err(e) => {
-            tracing::error!(task = %task_id, error = %e, "undecodable send-invite task: killed");
+            tracing::error!(%task, error = %e, "undecodable send-invite task: killed");
+            let why = format!("undecodable payload: {e}");
+            deliverer.end_task(&task, TaskEnd::Killed(&why)).await;
             return Err(Box::new(AbortError::new(e)));
         }
     };
-    match deliverer
-        .deliver(payload.item_id, &task_id.to_string())
-        .await
-    {
+    match deliverer.deliver(payload.item_id, &task).await {
         Ok(outcome) => {
-            tracing::debug!(task = %task_id, item = %payload.item_id, ?outcome, "task done");
+            tracing::debug!(%task, item = %payload.item_id, ?outcome, "task done");
             Ok(())
         }
         Err(e) => {
-            // A database fault: apalis runs the task again (up to its max_attempts).
-            tracing::error!(task = %task_id, item = %payload.item_id, error = %e, "task failed");
+            // A database fault: the task runs again shortly (up to its max_attempts).
+            tracing::error!(%task, item = %payload.item_id, error = %format!("{e:#}"), "task failed");
+            deliverer
+                .end_task(&task, TaskEnd::Failed(&format!("{e:#}")))
+                .await;
             Err(e.into())
         }
     }
@@ -108,7 +120,12 @@ pub async fn run(
         .queue(QUEUE)
         .batch_size(w.concurrency)
         .heartbeat_interval(heartbeat)
-        .missed_heartbeats(missed.max(2));
+        .missed_heartbeats(missed.max(2))
+        // Tasks are finished by us, not by apalis' acks: see the module notes. A task
+        // stays `Queued` under its worker's name while it runs; orphan recovery
+        // treats `Queued` and `Running` alike.
+        .lock_tasks(false)
+        .persist_results(false);
     let poll = Duration::from_millis(w.poll_interval_ms);
     let shutdown_timeout = Duration::from_secs(w.shutdown_timeout_secs);
     let restart_backoff = || {

@@ -676,3 +676,69 @@ async fn five_batches_of_100_posted_at_once_all_complete_with_one_message_per_ad
     assert_eq!(messages.len(), 500, "exactly 500 messages");
     assert_eq!(app.smtp.deliveries().len(), 500, "and no other transfer");
 }
+
+#[tokio::test]
+async fn twelve_batches_racing_for_the_same_4_candidates_invite_each_of_them_once() {
+    let app = spawn_app().await;
+    app.open_job("job-race").await;
+    // The same 4 people in 12 batches posted at once: 48 tasks for 4 people, so
+    // items of one person meet in one prepare group (a fetch holds 16 tasks) as well
+    // as in groups written one after the other; under `skip`, exactly one item per
+    // person may mint and send, whichever batch it is in.
+    let people = candidates("shared", 4);
+    let body = json!({"job_id": "job-race", "duration_minutes": 30, "candidates": people});
+    let responses = join_all((0..12).map(|_| app.post_batch(&body))).await;
+    let mut ids = Vec::new();
+    for r in responses {
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let body: Value = r.json().await.expect("the batch as JSON");
+        ids.push(body["id"].as_str().expect("an id").to_owned());
+    }
+
+    let (mut sent, mut skipped) = (0, 0);
+    for id in &ids {
+        let batch = app
+            .wait_for_status(id, "completed", Duration::from_secs(60))
+            .await;
+        assert_counts_add_up(&batch);
+        assert_eq!(batch["counts"]["failed"], 0, "{batch}");
+        sent += batch["counts"]["sent"].as_i64().expect("a count");
+        let skips = batch["counts"]["skipped"].as_i64().expect("a count");
+        skipped += skips;
+        for item in app.items(id, Some("skipped")).await {
+            assert_eq!(item["reason"], "already_invited", "{item}");
+        }
+        let warned = batch["warnings"]
+            .as_array()
+            .expect("warnings")
+            .iter()
+            .filter(|w| w["code"] == "already_invited")
+            .count();
+        assert_eq!(
+            warned as i64, skips,
+            "one already_invited warning per skipped item: {batch}"
+        );
+    }
+    assert_eq!(
+        (sent, skipped),
+        (4, 44),
+        "each person invited once, in one batch"
+    );
+
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM invitations WHERE job_id = 'job-race' AND status = 'PENDING'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(live, 4, "one live invitation per person");
+    let mut per_address: BTreeMap<String, usize> = BTreeMap::new();
+    for m in app.smtp.messages() {
+        *per_address.entry(m.rcpt_to[0].to_lowercase()).or_default() += 1;
+    }
+    assert_eq!(per_address.len(), 4, "every person got a message");
+    assert!(
+        per_address.values().all(|n| *n == 1),
+        "one message each: {per_address:?}"
+    );
+}

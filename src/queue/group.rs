@@ -1,0 +1,246 @@
+//! Group commit: the small writes of many tasks in one transaction.
+//!
+//! Each send-invite task writes twice (before its send and after it). Written one task
+//! per transaction, those writes cost a commit, a round trip per statement and a turn
+//! on the batch row each; PostgreSQL's CPU, not the mail server, then limits how many
+//! invitations go out per second. A [`Grouped`] writer instead takes whatever requests
+//! have arrived while its previous group was being written and writes them together:
+//! each request still gets exactly the transaction semantics it needs (its rows and
+//! its batch's tally move together), but a group of them shares one commit and one
+//! statement per kind of change.
+//!
+//! Groups form by themselves: under light load a request is written at once, alone;
+//! under heavy load requests queue while a group commits and the next group is larger.
+//! If a group's transaction fails, its requests are written again one by one, so one
+//! request the database refuses cannot fail its neighbours.
+
+use std::future::Future;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// One kind of grouped write.
+pub trait GroupWrite: Send + Sync + 'static {
+    type Request: Send + Sync + 'static;
+    type Response: Send + 'static;
+    /// What the writer holds from one group to the next (its database connection).
+    type Conn: Send;
+
+    /// A short name for logs.
+    const NAME: &'static str;
+
+    /// Opens the writer's connection: at the first group, and after a failed one.
+    fn connect(&self) -> impl Future<Output = anyhow::Result<Self::Conn>> + Send;
+
+    /// Writes `group` in one transaction; one response per request, in order.
+    fn write(
+        &self,
+        conn: &mut Self::Conn,
+        group: &[Self::Request],
+    ) -> impl Future<Output = anyhow::Result<Vec<Self::Response>>> + Send;
+}
+
+struct Pending<W: GroupWrite> {
+    request: W::Request,
+    reply: oneshot::Sender<Result<W::Response, String>>,
+}
+
+/// The handle requests are submitted through. Its writer task ends when the last
+/// handle is dropped.
+pub struct Grouped<W: GroupWrite> {
+    sender: mpsc::Sender<Pending<W>>,
+}
+
+impl<W: GroupWrite> Clone for Grouped<W> {
+    fn clone(&self) -> Self {
+        Self {
+            sender: self.sender.clone(),
+        }
+    }
+}
+
+impl<W: GroupWrite> Grouped<W> {
+    /// Starts the writer task; a group holds at most `max_group` requests. (One writer
+    /// per kind: two halved the groups and cost more database CPU than their shorter
+    /// waits saved; measured, 1,494 → 1,284 invites/s.)
+    pub fn start(writer: W, max_group: usize) -> Self {
+        let (sender, receiver) = mpsc::channel(max_group.max(1) * 8);
+        tokio::spawn(write_groups(writer, max_group.max(1), receiver));
+        Self { sender }
+    }
+
+    /// Submits one request; returns its response once its group is committed.
+    pub async fn submit(&self, request: W::Request) -> anyhow::Result<W::Response> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Pending { request, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the {} writer has stopped", W::NAME))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the {} writer dropped a request", W::NAME))?
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// The writer: takes whatever has queued up (at least one request), writes it, again.
+async fn write_groups<W: GroupWrite>(
+    writer: W,
+    max_group: usize,
+    mut receiver: mpsc::Receiver<Pending<W>>,
+) {
+    let mut conn = None;
+    let mut requests = Vec::with_capacity(max_group);
+    let mut replies = Vec::with_capacity(max_group);
+    while let Some(first) = receiver.recv().await {
+        let mut next = Some(first);
+        while let Some(Pending { request, reply }) = next {
+            requests.push(request);
+            replies.push(reply);
+            next = if requests.len() < max_group {
+                receiver.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        metrics::histogram!("group_write_size", "kind" => W::NAME).record(requests.len() as f64);
+        let started = std::time::Instant::now();
+        let results = write_group(&writer, &mut conn, &requests).await;
+        metrics::histogram!("group_write_seconds", "kind" => W::NAME)
+            .record(started.elapsed().as_secs_f64());
+        for (reply, result) in replies.drain(..).zip(results) {
+            // The submitter may be gone (shutdown); its write is committed regardless.
+            let _ = reply.send(result);
+        }
+        requests.clear();
+    }
+}
+
+/// The group in one transaction, or, when that fails, each request in its own.
+async fn write_group<W: GroupWrite>(
+    writer: &W,
+    conn: &mut Option<W::Conn>,
+    requests: &[W::Request],
+) -> Vec<Result<W::Response, String>> {
+    let e = match checked(writer, conn, requests).await {
+        Ok(responses) => return responses.into_iter().map(Ok).collect(),
+        Err(e) => e,
+    };
+    if requests.len() == 1 {
+        return vec![Err(format!("{e:#}"))];
+    }
+    tracing::warn!(kind = W::NAME, error = %format!("{e:#}"), requests = requests.len(),
+        "a grouped write failed; writing its requests one by one");
+    let mut results = Vec::with_capacity(requests.len());
+    for request in requests.chunks(1) {
+        results.push(match checked(writer, conn, request).await {
+            Ok(mut one) => Ok(one.remove(0)),
+            Err(e) => Err(format!("{e:#}")),
+        });
+    }
+    results
+}
+
+/// One write on the writer's connection (opened if need be); after a failure the
+/// connection is dropped, so a broken one is never reused.
+async fn checked<W: GroupWrite>(
+    writer: &W,
+    conn: &mut Option<W::Conn>,
+    requests: &[W::Request],
+) -> anyhow::Result<Vec<W::Response>> {
+    let open = match conn {
+        Some(open) => open,
+        None => conn.insert(writer.connect().await?),
+    };
+    let responses = match writer.write(open, requests).await {
+        Ok(responses) => responses,
+        Err(e) => {
+            *conn = None;
+            return Err(e);
+        }
+    };
+    anyhow::ensure!(
+        responses.len() == requests.len(),
+        "the {} writer answered {} of {} requests",
+        W::NAME,
+        responses.len(),
+        requests.len()
+    );
+    Ok(responses)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Doubles numbers; refuses 13 (failing any group that holds it); remembers groups.
+    #[derive(Default)]
+    struct Doubler {
+        groups: Mutex<Vec<Vec<u32>>>,
+    }
+
+    impl GroupWrite for Arc<Doubler> {
+        type Request = u32;
+        type Response = u32;
+        type Conn = ();
+        const NAME: &'static str = "doubler";
+
+        async fn connect(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+
+        async fn write(&self, _: &mut (), group: &[u32]) -> anyhow::Result<Vec<u32>> {
+            self.groups.lock().unwrap().push(group.to_vec());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            anyhow::ensure!(!group.contains(&13), "13 refused");
+            Ok(group.iter().map(|n| n * 2).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_groups_and_each_gets_its_own_answer() {
+        let doubler = Arc::new(Doubler::default());
+        let grouped = Grouped::start(doubler.clone(), 8);
+        let mut tasks = tokio::task::JoinSet::new();
+        // (13 is refused: none here.)
+        for n in 100..140u32 {
+            let grouped = grouped.clone();
+            tasks.spawn(async move { (n, grouped.submit(n).await.unwrap()) });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (n, doubled) = joined.unwrap();
+            assert_eq!(doubled, n * 2);
+        }
+        let groups = doubler.groups.lock().unwrap();
+        assert!(groups.iter().all(|g| g.len() <= 8), "{groups:?}");
+        assert!(groups.len() < 40, "no request shared a group: {groups:?}");
+        let mut all: Vec<u32> = groups.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (100..140).collect::<Vec<_>>(),
+            "each request written once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_fails_alone() {
+        let doubler = Arc::new(Doubler::default());
+        let grouped = Grouped::start(doubler.clone(), 64);
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 10..16u32 {
+            let grouped = grouped.clone();
+            tasks.spawn(async move { (n, grouped.submit(n).await) });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            match joined.unwrap() {
+                (13, result) => {
+                    let e = result.unwrap_err().to_string();
+                    assert!(e.contains("13 refused"), "{e}");
+                }
+                (n, result) => assert_eq!(result.unwrap(), n * 2),
+            }
+        }
+    }
+}

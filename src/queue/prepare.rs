@@ -1,0 +1,215 @@
+//! Phase 1 of a delivery, in groups (see [`super::group`]): everything that must be
+//! committed before a message may leave.
+//!
+//! For each item of a group, in one transaction:
+//! - lock it; nothing to do if it is terminal or belongs to another task now;
+//! - mark its batch `running` if this is the batch's first item picked up;
+//! - decide whether it ends without a send: the job is closed, the address is invalid,
+//!   or (`on_duplicate: skip`) the candidate already holds a live invitation for the
+//!   job. Those endings are recorded with the send outcomes, by the recorder;
+//! - otherwise mint its invitation (once: later attempts reuse it, so every attempt
+//!   carries the same link) and count the attempt.
+//!
+//! The duplicate check holds a lock per (job, candidate) until the commit, so two
+//! batches racing for one candidate cannot both invite them; within a group, the
+//! first item of a pair wins the same way. Two statements per group, whatever its
+//! size (see `db::delivery`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use sqlx::{Acquire, PgPool, Postgres, pool::PoolConnection};
+use uuid::Uuid;
+
+use crate::{
+    config::Settings,
+    db::{
+        self,
+        delivery::{self as sql, BeginAttempt, Begun, LockedItem, Mint},
+    },
+    domain::{email::CandidateEmail, states::ItemReason, token::LinkToken},
+    queue::group::GroupWrite,
+};
+
+/// Phase 1 for one item, on behalf of one queue task.
+#[derive(Debug, Clone)]
+pub struct Prepare {
+    pub item_id: Uuid,
+    pub task_id: String,
+}
+
+/// What phase 1 decided for an item.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Terminal already, handed to another task, or gone.
+    NothingToDo,
+    /// The item ends without a send; the recorder writes the ending.
+    NotSent {
+        item: Box<LockedItem>,
+        reason: ItemReason,
+        detail: Option<String>,
+    },
+    /// Send it now: the invitation exists and the attempt is counted.
+    Send {
+        item: Box<LockedItem>,
+        invitation_id: Uuid,
+        attempt: i32,
+    },
+}
+
+/// Writes groups of phase 1.
+pub struct Preparer {
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+}
+
+impl GroupWrite for Preparer {
+    type Request = Prepare;
+    type Response = Prepared;
+    type Conn = PoolConnection<Postgres>;
+    const NAME: &'static str = "prepare";
+
+    async fn connect(&self) -> anyhow::Result<Self::Conn> {
+        Ok(db::writer_connection(&self.pool).await?)
+    }
+
+    /// Two statements in one transaction: lock and read (with the pair locks), then
+    /// mint and count ([`sql::begin_attempts`]).
+    async fn write(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        group: &[Prepare],
+    ) -> anyhow::Result<Vec<Prepared>> {
+        let ids: Vec<Uuid> = group.iter().map(|p| p.item_id).collect();
+        let mut tx = conn.begin().await?;
+        let locked = sql::lock_for_prepare(&mut tx, &ids).await?;
+        let items: HashMap<Uuid, &LockedItem> = locked.iter().map(|i| (i.id, i)).collect();
+
+        // In request order. A task run twice in one group acts once. Of the items of
+        // one (job, candidate) pair, only the first may be minted: under `skip`, a later
+        // one is already invited, whether the first is minted now or was before.
+        let mut claimed = HashSet::with_capacity(group.len());
+        let mut pairs = HashSet::with_capacity(group.len());
+        let steps: Vec<Step<'_>> = group
+            .iter()
+            .map(|request| match items.get(&request.item_id) {
+                Some(item) if is_ours(item, request) && claimed.insert(item.id) => {
+                    match ending(item) {
+                        Some((reason, detail)) => Step::NotSent(item, reason, detail),
+                        None => {
+                            let first = pairs.insert((&item.job_id, &item.candidate_id));
+                            let skip = item.invitation_id.is_none() && item.on_duplicate == "skip";
+                            if skip && !first {
+                                Step::NotSent(item, ItemReason::AlreadyInvited, None)
+                            } else {
+                                Step::Send(item, skip)
+                            }
+                        }
+                    }
+                }
+                _ => Step::NothingToDo,
+            })
+            .collect();
+
+        let mut queued: Vec<Uuid> = steps
+            .iter()
+            .filter_map(Step::item)
+            .filter(|i| i.batch_status == "queued")
+            .map(|i| i.batch_id)
+            .collect();
+        queued.sort_unstable();
+        queued.dedup();
+
+        let secret = self.settings.invite.token_secret.expose().as_bytes();
+        let attempts: Vec<BeginAttempt<'_>> = steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Send(item, unless_invited) => Some(BeginAttempt {
+                    item,
+                    unless_invited: *unless_invited,
+                    mint: item.invitation_id.is_none().then(|| {
+                        let id = Uuid::now_v7();
+                        Mint {
+                            id,
+                            token_hash: LinkToken::derive(secret, id).hash(),
+                        }
+                    }),
+                }),
+                _ => None,
+            })
+            .collect();
+        let begun: HashMap<Uuid, Begun> = if attempts.is_empty() && queued.is_empty() {
+            HashMap::new()
+        } else {
+            let ttl_hours = self.settings.invite.ttl_hours;
+            sql::begin_attempts(&mut tx, &attempts, &queued, ttl_hours)
+                .await?
+                .into_iter()
+                .map(|b| (b.id, b))
+                .collect()
+        };
+        tx.commit().await?;
+
+        Ok(steps
+            .into_iter()
+            .map(|step| match step {
+                Step::NothingToDo => Prepared::NothingToDo,
+                Step::NotSent(item, reason, detail) => Prepared::NotSent {
+                    item: Box::new(item.clone()),
+                    reason,
+                    detail,
+                },
+                Step::Send(item, _) => match begun.get(&item.id) {
+                    Some(begun) => {
+                        let mut item = item.clone();
+                        item.invitation_id = Some(begun.invitation_id);
+                        Prepared::Send {
+                            item: Box::new(item),
+                            invitation_id: begun.invitation_id,
+                            attempt: begun.attempts,
+                        }
+                    }
+                    // Not minted under `skip`: a live invitation exists.
+                    None => Prepared::NotSent {
+                        item: Box::new(item.clone()),
+                        reason: ItemReason::AlreadyInvited,
+                        detail: None,
+                    },
+                },
+            })
+            .collect())
+    }
+}
+
+/// What phase 1 decides for one request before the second statement.
+enum Step<'a> {
+    NothingToDo,
+    NotSent(&'a LockedItem, ItemReason, Option<String>),
+    /// Begin an attempt; `true`: only if no live invitation exists (`skip`).
+    Send(&'a LockedItem, bool),
+}
+
+impl<'a> Step<'a> {
+    fn item(&self) -> Option<&'a LockedItem> {
+        match self {
+            Step::NothingToDo => None,
+            Step::NotSent(item, ..) | Step::Send(item, _) => Some(item),
+        }
+    }
+}
+
+fn is_ours(item: &LockedItem, request: &Prepare) -> bool {
+    item.status == "pending" && item.task_id == request.task_id
+}
+
+/// Why an item ends without a send, judging by its own row.
+fn ending(item: &LockedItem) -> Option<(ItemReason, Option<String>)> {
+    if item.job_status == "closed" {
+        return Some((ItemReason::JobClosed, None));
+    }
+    CandidateEmail::parse(&item.email)
+        .err()
+        .map(|e| (ItemReason::InvalidEmail, Some(e.to_string())))
+}
