@@ -59,8 +59,8 @@ pub struct NewBatch {
     pub request_hash: Option<Vec<u8>>,
 }
 
-/// Writes the candidates (latest request wins), the batch and its items. The caller
-/// pushes the queue tasks in the same transaction and commits.
+/// Writes the candidates (latest request wins), then the batch and its items (one
+/// statement). The caller pushes the queue tasks in the same transaction and commits.
 pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<BatchRow> {
     // Upsert candidates in id order so two batches sharing candidates cannot deadlock.
     let mut candidates: Vec<&NewItem> = batch.items.iter().collect();
@@ -93,11 +93,19 @@ pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Bat
     .await?;
 
     let total = i32::try_from(batch.items.len()).unwrap_or(i32::MAX);
-    let row: BatchRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO batches (id, job_id, duration_minutes, on_duplicate, total, pending, \
-                              warnings, idempotency_key, request_hash)
-         VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
-         RETURNING {BATCH_COLUMNS}"
+    let items = &batch.items;
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH batch AS (
+            INSERT INTO batches (id, job_id, duration_minutes, on_duplicate, total, pending,
+                                 warnings, idempotency_key, request_hash)
+            VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
+            RETURNING {BATCH_COLUMNS}),
+         items AS (
+            INSERT INTO batch_items (id, batch_id, position, candidate_id, email, name, task_id)
+            SELECT id, $1, position, candidate_id, email, name, task_id
+              FROM unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[])
+                   WITH ORDINALITY AS t(id, candidate_id, email, name, task_id, position))
+         SELECT * FROM batch"
     )))
     .bind(batch.id)
     .bind(&batch.job_id)
@@ -107,48 +115,18 @@ pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Bat
     .bind(Json(&batch.warnings))
     .bind(&batch.idempotency_key)
     .bind(&batch.request_hash)
-    .fetch_one(&mut *tx)
-    .await?;
-
-    sqlx::query(
-        "INSERT INTO batch_items (id, batch_id, position, candidate_id, email, name, task_id)
-         SELECT id, $1, position, candidate_id, email, name, task_id
-         FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-              WITH ORDINALITY AS t(id, candidate_id, email, name, task_id, position)",
-    )
-    .bind(batch.id)
-    .bind(batch.items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
     .bind(
-        batch
-            .items
+        items
             .iter()
             .map(|i| i.candidate_id.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(
-        batch
-            .items
-            .iter()
-            .map(|i| i.email.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        batch
-            .items
-            .iter()
-            .map(|i| i.name.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        batch
-            .items
-            .iter()
-            .map(|i| i.task_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(row)
+    .bind(items.iter().map(|i| i.email.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.name.as_deref()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.task_id.as_str()).collect::<Vec<_>>())
+    .fetch_one(&mut *tx)
+    .await
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<BatchRow>> {
@@ -160,21 +138,27 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Batch
     .await
 }
 
-/// The candidates among `candidate_ids` that hold a live invitation (PENDING and not
-/// expired, or IN_PROGRESS) for the job.
-pub async fn already_invited(
-    db: impl PgExecutor<'_>,
+/// The job's status (locked `FOR SHARE` until the transaction ends) and the
+/// candidates among `candidate_ids` who hold a live invitation (PENDING and not
+/// expired, or IN_PROGRESS) for it; `None` when there is no such job.
+pub async fn job_and_invited(
+    conn: &mut PgConnection,
     job_id: &str,
     candidate_ids: &[&str],
-) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
-        "SELECT DISTINCT candidate_id FROM invitations
-         WHERE job_id = $1 AND candidate_id = ANY($2::text[])
-           AND (status = 'IN_PROGRESS' OR (status = 'PENDING' AND expires_at > now()))",
+) -> sqlx::Result<Option<(String, Vec<String>)>> {
+    sqlx::query_as(
+        "SELECT j.status,
+                ARRAY(SELECT DISTINCT v.candidate_id::text FROM invitations v
+                       WHERE v.job_id = $1 AND v.candidate_id = ANY($2::text[])
+                         AND (v.status = 'IN_PROGRESS'
+                              OR (v.status = 'PENDING' AND v.expires_at > now())))
+           FROM jobs j
+          WHERE j.id = $1
+            FOR SHARE OF j",
     )
     .bind(job_id)
     .bind(candidate_ids)
-    .fetch_all(db)
+    .fetch_optional(&mut *conn)
     .await
 }
 

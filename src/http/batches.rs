@@ -216,34 +216,26 @@ pub fn check(req: &BatchRequest, settings: &Settings) -> ApiResult<CheckedBatch>
     })
 }
 
-/// The job must exist and be open. Takes a share lock on the job row inside `conn`'s
-/// transaction, so a concurrent close waits for this batch to commit (and its items
-/// are then skipped with `job_closed`, never half-enqueued).
-pub async fn check_job(conn: &mut sqlx::PgConnection, job_id: &ExternalId) -> ApiResult<()> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR SHARE")
-            .bind(job_id.as_str())
-            .fetch_optional(&mut *conn)
-            .await?;
-    match status.as_deref() {
+/// Checks that the job exists and is open, holding it (`FOR SHARE`: a concurrent close
+/// waits for this transaction), and returns the candidates among `batch`'s who already
+/// hold a live invitation for it. One statement.
+pub async fn check_job(
+    conn: &mut sqlx::PgConnection,
+    batch: &CheckedBatch,
+) -> ApiResult<HashSet<String>> {
+    let ids: Vec<&str> = batch.candidates.iter().map(|c| c.id.as_str()).collect();
+    let job_id = &batch.job_id;
+    match db::batches::job_and_invited(conn, job_id.as_str(), &ids).await? {
         None => Err(ApiError::JobNotFound(job_id.to_string())),
-        Some("closed") => Err(ApiError::JobClosed(job_id.to_string())),
-        Some(_) => Ok(()),
+        Some((status, _)) if status == "closed" => Err(ApiError::JobClosed(job_id.to_string())),
+        Some((_, invited)) => Ok(invited.into_iter().collect()),
     }
 }
 
 /// What a person should read before (preview) or after (create) sending: candidates
-/// who already hold a live invitation for the job, and addresses that will fail.
-pub async fn warnings(
-    conn: &mut sqlx::PgConnection,
-    batch: &CheckedBatch,
-) -> ApiResult<(Vec<Warning>, HashSet<String>)> {
-    let ids: Vec<&str> = batch.candidates.iter().map(|c| c.id.as_str()).collect();
-    let invited: HashSet<String> =
-        db::batches::already_invited(&mut *conn, batch.job_id.as_str(), &ids)
-            .await?
-            .into_iter()
-            .collect();
+/// who already hold a live invitation for the job (`invited`), and addresses that
+/// will fail.
+pub fn warnings(batch: &CheckedBatch, invited: &HashSet<String>) -> Vec<Warning> {
     let then = match batch.on_duplicate {
         OnDuplicate::Skip => "it will be skipped (on_duplicate: skip)",
         OnDuplicate::Send => "it will be sent anyway (on_duplicate: send)",
@@ -267,7 +259,7 @@ pub async fn warnings(
             });
         }
     }
-    Ok((warnings, invited))
+    warnings
 }
 
 fn accepted(batch: BatchView) -> Response {
@@ -345,8 +337,8 @@ pub async fn create(
 
     let checked = check(&req, &state.settings)?;
     let mut tx = state.pool.begin().await?;
-    check_job(&mut tx, &checked.job_id).await?;
-    let (warnings, _) = warnings(&mut tx, &checked).await?;
+    let invited = check_job(&mut tx, &checked).await?;
+    let warnings = warnings(&checked, &invited);
 
     let items: Vec<NewItem> = checked
         .candidates
@@ -425,8 +417,8 @@ pub async fn preview(
 ) -> ApiResult<Json<Preview>> {
     let checked = check(&req, &state.settings)?;
     let mut tx = state.pool.begin().await?;
-    check_job(&mut tx, &checked.job_id).await?;
-    let (warnings, invited) = warnings(&mut tx, &checked).await?;
+    let invited = check_job(&mut tx, &checked).await?;
+    let warnings = warnings(&checked, &invited);
     tx.rollback().await?;
     let total = checked.candidates.len();
     let to_fail = checked
