@@ -351,6 +351,16 @@ pub async fn retry(
     .bind(id)
     .fetch_all(&mut *tx)
     .await?;
+    // Read again under the batch's lock (items first, then the batch: the lock order):
+    // a cancel may have committed since the first read.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM batches WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if status.as_deref() == Some("cancelled") {
+        return Ok(Retry::Cancelled);
+    }
     let failed = |cid: &str| {
         rows.iter()
             .find(|(_, c, s)| c == cid && s == "failed")

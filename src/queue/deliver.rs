@@ -99,6 +99,8 @@ impl Deliverer {
                 self.end_task(&task_id, TaskEnd::Done).await;
                 return Ok(Delivery::NothingToDo);
             }
+            // The other run of this task in the group finishes it.
+            Prepared::Duplicate => return Ok(Delivery::NothingToDo),
             Prepared::NotSent {
                 item,
                 reason,

@@ -14,7 +14,9 @@
 //! If a group's transaction fails, its requests are written again one by one, so one
 //! request the database refuses cannot fail its neighbours.
 
-use std::future::Future;
+use std::{future::Future, panic::AssertUnwindSafe};
+
+use futures::FutureExt;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -115,57 +117,84 @@ async fn write_groups<W: GroupWrite>(
     }
 }
 
-/// The group in one transaction, or, when that fails, each request in its own.
+/// The group in one transaction; if that fails, once more on a fresh connection (one
+/// the database dropped fails every statement until it is replaced); if that fails
+/// too, each request in a transaction of its own, so one request the database
+/// refuses fails alone. When no connection can be had, the rest fail at once.
 async fn write_group<W: GroupWrite>(
     writer: &W,
     conn: &mut Option<W::Conn>,
     requests: &[W::Request],
 ) -> Vec<Result<W::Response, String>> {
-    let e = match checked(writer, conn, requests).await {
-        Ok(responses) => return responses.into_iter().map(Ok).collect(),
-        Err(e) => e,
-    };
+    let mut failure = None;
+    for _ in 0..2 {
+        match attempt(writer, conn, requests).await {
+            Ok(responses) => return responses.into_iter().map(Ok).collect(),
+            Err(Failure::Connect(e)) => return failed(requests.len(), &e),
+            Err(Failure::Write(e)) => failure = Some(e),
+        }
+    }
+    let e = failure.unwrap_or_else(|| anyhow::anyhow!("the {} writer failed", W::NAME));
     if requests.len() == 1 {
-        return vec![Err(format!("{e:#}"))];
+        return failed(1, &e);
     }
     tracing::warn!(kind = W::NAME, error = %format!("{e:#}"), requests = requests.len(),
-        "a grouped write failed; writing its requests one by one");
+        "a grouped write failed twice; writing its requests one by one");
     let mut results = Vec::with_capacity(requests.len());
-    for request in requests.chunks(1) {
-        results.push(match checked(writer, conn, request).await {
-            Ok(mut one) => Ok(one.remove(0)),
-            Err(e) => Err(format!("{e:#}")),
-        });
+    for (i, request) in requests.chunks(1).enumerate() {
+        match attempt(writer, conn, request).await {
+            Ok(mut one) => results.push(Ok(one.remove(0))),
+            Err(Failure::Write(e)) => results.push(Err(format!("{e:#}"))),
+            Err(Failure::Connect(e)) => {
+                results.extend(failed(requests.len() - i, &e));
+                break;
+            }
+        }
     }
     results
 }
 
+fn failed<T>(n: usize, e: &anyhow::Error) -> Vec<Result<T, String>> {
+    (0..n).map(|_| Err(format!("{e:#}"))).collect()
+}
+
+enum Failure {
+    /// No connection could be opened.
+    Connect(anyhow::Error),
+    /// The write failed (or panicked); the connection has been let go.
+    Write(anyhow::Error),
+}
+
 /// One write on the writer's connection (opened if need be); after a failure the
-/// connection is dropped, so a broken one is never reused.
-async fn checked<W: GroupWrite>(
+/// connection is dropped, so a broken one is never reused. A panic in the writer is a
+/// failed write, not the end of the writer.
+async fn attempt<W: GroupWrite>(
     writer: &W,
     conn: &mut Option<W::Conn>,
     requests: &[W::Request],
-) -> anyhow::Result<Vec<W::Response>> {
+) -> Result<Vec<W::Response>, Failure> {
     let open = match conn {
         Some(open) => open,
-        None => conn.insert(writer.connect().await?),
+        None => conn.insert(writer.connect().await.map_err(Failure::Connect)?),
     };
-    let responses = match writer.write(open, requests).await {
-        Ok(responses) => responses,
-        Err(e) => {
-            *conn = None;
-            return Err(e);
-        }
-    };
-    anyhow::ensure!(
-        responses.len() == requests.len(),
-        "the {} writer answered {} of {} requests",
-        W::NAME,
-        responses.len(),
-        requests.len()
-    );
-    Ok(responses)
+    let written = AssertUnwindSafe(writer.write(open, requests))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the {} writer panicked", W::NAME)))
+        .and_then(|responses| {
+            anyhow::ensure!(
+                responses.len() == requests.len(),
+                "the {} writer answered {} of {} requests",
+                W::NAME,
+                responses.len(),
+                requests.len()
+            );
+            Ok(responses)
+        });
+    written.map_err(|e| {
+        *conn = None;
+        Failure::Write(e)
+    })
 }
 
 #[cfg(test)]
@@ -193,6 +222,7 @@ mod tests {
         async fn write(&self, _: &mut (), group: &[u32]) -> anyhow::Result<Vec<u32>> {
             self.groups.lock().unwrap().push(group.to_vec());
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            assert!(!group.contains(&666), "666 panics the writer");
             anyhow::ensure!(!group.contains(&13), "13 refused");
             Ok(group.iter().map(|n| n * 2).collect())
         }
@@ -242,5 +272,18 @@ mod tests {
                 (n, result) => assert_eq!(result.unwrap(), n * 2),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_fails_its_request_and_the_writer_goes_on() {
+        let doubler = Arc::new(Doubler::default());
+        let grouped = Grouped::start(doubler.clone(), 64);
+        let e = grouped.submit(666).await.unwrap_err().to_string();
+        assert!(e.contains("panicked"), "{e}");
+        assert_eq!(
+            grouped.submit(21).await.unwrap(),
+            42,
+            "the writer still runs"
+        );
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - **Sweep**: a pending item whose own task can no longer run (the task was killed,
 //!   ran out of apalis attempts after repeated database errors, or is gone) gets a new
-//!   task. Without this, such an item would stay pending for ever.
+//!   task, unless a send of it is still on its way (`sending_at` within
+//!   [`STUCK_AFTER`]). Without this, such an item would stay pending for ever.
 //! - **Prune**: finished send-invite tasks older than `worker.task_retention_secs` are
 //!   deleted. apalis never deletes rows, and its ack query slows down with every
 //!   finished row a worker ever locked. Batches, items and invitations are kept.
@@ -71,10 +72,13 @@ pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
            AND (j.id IS NULL
                 OR j.status IN ('Done', 'Killed')
                 OR (j.status = 'Failed' AND j.attempts >= j.max_attempts))
+           -- a send still on its way is left to finish (and to be recorded)
+           AND (i.sending_at IS NULL OR i.sending_at < now() - make_interval(secs => $1))
          ORDER BY i.id
          LIMIT 1000
          FOR UPDATE OF i SKIP LOCKED",
     )
+    .bind(STUCK_AFTER.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
     if stranded.is_empty() {

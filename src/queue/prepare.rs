@@ -43,8 +43,11 @@ pub struct Prepare {
 /// What phase 1 decided for an item.
 #[derive(Debug)]
 pub enum Prepared {
-    /// Terminal already, handed to another task, or gone.
+    /// Terminal already, handed to another task, or gone: the task is over.
     NothingToDo,
+    /// The same task is in this group twice (it ran twice); the other run acts, and
+    /// finishes the task.
+    Duplicate,
     /// The item ends without a send; the recorder writes the ending.
     NotSent {
         item: Box<LockedItem>,
@@ -88,25 +91,29 @@ impl GroupWrite for Preparer {
         let items: HashMap<Uuid, &LockedItem> = locked.iter().map(|i| (i.id, i)).collect();
 
         // In request order. A task run twice in one group acts once. Of the items of
-        // one (job, candidate) pair, only the first may be minted: under `skip`, a later
-        // one is already invited, whether the first is minted now or was before.
+        // one (job, candidate) pair that would mint, only the first may: under `skip`,
+        // a later one is already invited, whether the first mints now or found a live
+        // invitation. (An item that has its invitation already mints nothing; a live
+        // one is found by the database check.)
         let mut claimed = HashSet::with_capacity(group.len());
-        let mut pairs = HashSet::with_capacity(group.len());
+        let mut minting = HashSet::with_capacity(group.len());
         let steps: Vec<Step<'_>> = group
             .iter()
             .map(|request| match items.get(&request.item_id) {
-                Some(item) if is_ours(item, request) && claimed.insert(item.id) => {
-                    match ending(item) {
-                        Some((reason, detail)) => Step::NotSent(item, reason, detail),
-                        None => {
-                            let first = pairs.insert((&item.job_id, &item.candidate_id));
-                            let skip = item.invitation_id.is_none() && item.on_duplicate == "skip";
-                            if skip && !first {
-                                Step::NotSent(item, ItemReason::AlreadyInvited, None)
-                            } else {
-                                Step::Send(item, skip)
-                            }
-                        }
+                Some(item) if is_ours(item, request) => {
+                    if !claimed.insert(item.id) {
+                        return Step::Duplicate;
+                    }
+                    if let Some((reason, detail)) = ending(item) {
+                        return Step::NotSent(item, reason, detail);
+                    }
+                    let first = item.invitation_id.is_some()
+                        || minting.insert((&item.job_id, &item.candidate_id));
+                    let skip = item.invitation_id.is_none() && item.on_duplicate == "skip";
+                    if skip && !first {
+                        Step::NotSent(item, ItemReason::AlreadyInvited, None)
+                    } else {
+                        Step::Send(item, skip)
                     }
                 }
                 _ => Step::NothingToDo,
@@ -156,6 +163,7 @@ impl GroupWrite for Preparer {
             .into_iter()
             .map(|step| match step {
                 Step::NothingToDo => Prepared::NothingToDo,
+                Step::Duplicate => Prepared::Duplicate,
                 Step::NotSent(item, reason, detail) => Prepared::NotSent {
                     item: Box::new(item.clone()),
                     reason,
@@ -186,6 +194,7 @@ impl GroupWrite for Preparer {
 /// What phase 1 decides for one request before the second statement.
 enum Step<'a> {
     NothingToDo,
+    Duplicate,
     NotSent(&'a LockedItem, ItemReason, Option<String>),
     /// Begin an attempt; `true`: only if no live invitation exists (`skip`).
     Send(&'a LockedItem, bool),
@@ -194,7 +203,7 @@ enum Step<'a> {
 impl<'a> Step<'a> {
     fn item(&self) -> Option<&'a LockedItem> {
         match self {
-            Step::NothingToDo => None,
+            Step::NothingToDo | Step::Duplicate => None,
             Step::NotSent(item, ..) | Step::Send(item, _) => Some(item),
         }
     }

@@ -80,38 +80,51 @@ impl GroupWrite for Recorder {
         conn: &mut PoolConnection<Postgres>,
         outcomes: &[Outcome],
     ) -> anyhow::Result<Vec<Delivery>> {
-        // A second outcome for one item in one group (its task ran twice) is stale.
+        // The same task's outcome twice in one group (the task ran twice) acts once.
+        // Outcomes of different tasks for one item all go to the statement, which
+        // applies only the one whose task the item names.
         let mut seen = HashSet::with_capacity(outcomes.len());
         let decisions: Vec<Option<Decision>> = outcomes
             .iter()
-            .map(|o| seen.insert(o.item.id).then(|| decide(o, &self.retry)))
+            .map(|o| {
+                seen.insert((o.item.id, o.task_id.as_str()))
+                    .then(|| decide(o, &self.retry))
+            })
             .collect();
         let records: Vec<Record<'_>> = outcomes
             .iter()
             .zip(&decisions)
             .filter_map(|(o, d)| d.as_ref().map(|d| d.record(o)))
             .collect();
-        let retries: Vec<NewTask<'_>> = outcomes
+        let tasks: Vec<&str> = seen.iter().map(|(_, task)| *task).collect();
+        // (the outcome's task, the retry's new task)
+        let retries: Vec<(&str, NewTask<'_>)> = outcomes
             .iter()
             .zip(&decisions)
             .filter_map(|(o, d)| {
                 let (task_id, _, delay) = d.as_ref()?.retry.as_ref()?;
-                Some(NewTask {
+                let new = NewTask {
                     task_id,
                     item_id: o.item.id,
                     run_after: Some(*delay),
-                })
+                };
+                Some((o.task_id.as_str(), new))
             })
             .collect();
 
-        let applied: HashSet<Uuid> = if retries.is_empty() {
-            sql::record(conn, &records).await?
+        let applied: HashSet<(Uuid, String)> = if retries.is_empty() {
+            sql::record(conn, &records, &tasks).await?
         } else {
             let mut tx = conn.begin().await?;
-            let applied = sql::record(&mut tx, &records).await?;
+            let applied = sql::record(&mut tx, &records, &tasks).await?;
             let due: Vec<NewTask<'_>> = retries
                 .into_iter()
-                .filter(|t| applied.contains(&t.item_id))
+                .filter(|(task, new)| {
+                    applied
+                        .iter()
+                        .any(|(item, t)| *item == new.item_id && t == task)
+                })
+                .map(|(_, new)| new)
                 .collect();
             if !due.is_empty() {
                 queue::push(&mut tx, &due).await?;
@@ -126,8 +139,9 @@ impl GroupWrite for Recorder {
             .iter()
             .zip(decisions)
             .map(|(outcome, decision)| {
+                let key = (outcome.item.id, outcome.task_id.clone());
                 let delivery = match decision {
-                    Some(d) if applied.contains(&outcome.item.id) => d.delivery,
+                    Some(d) if applied.contains(&key) => d.delivery,
                     _ => Delivery::NothingToDo,
                 };
                 log(outcome, &delivery);

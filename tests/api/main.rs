@@ -7,6 +7,7 @@ mod helpers;
 mod hostile;
 mod main_path;
 mod openapi;
+mod plans;
 mod process;
 mod rails;
 mod rejections;
