@@ -39,8 +39,10 @@ pub enum Setup {
     /// (unbounded), JSON codec, a default sqlx pool (10 connections).
     Defaults,
     /// What `queue::worker::run` builds from the service's settings: batch_size =
-    /// concurrency limit = `worker.concurrency`, pubsub + interval poll, raw payloads,
-    /// heartbeat settings, a pool of `database.max_connections`.
+    /// `fetch_size(worker.concurrency)`, concurrency limit = `worker.concurrency`,
+    /// pubsub + interval poll, raw payloads, heartbeat settings, a pool of
+    /// `database.max_connections`; with apalis' own acks (the service finishes tasks
+    /// in its outcome statement, and a no-op has no outcome to record).
     Service,
 }
 
@@ -94,7 +96,7 @@ fn spawn_worker(
                 usize::try_from(w.recover_after_secs / w.heartbeat_secs).unwrap_or(usize::MAX);
             let config = Config::default()
                 .queue(queue)
-                .batch_size(w.concurrency)
+                .batch_size(crate::queue::worker::fetch_size(w.concurrency))
                 .heartbeat_interval(Duration::from_secs(w.heartbeat_secs))
                 .missed_heartbeats(missed.max(2));
             let backend = PostgresStorage::<Vec<u8>>::new(pool)
@@ -155,7 +157,7 @@ pub async fn apalis(
                 "bench::noop-service",
                 format!(
                     "batch {} + concurrency {}, pubsub + {} ms poll, {}-conn pool",
-                    w.concurrency,
+                    crate::queue::worker::fetch_size(w.concurrency),
                     w.concurrency,
                     w.poll_interval_ms,
                     settings.database.max_connections
