@@ -30,6 +30,13 @@ pub trait GroupWrite: Send + Sync + 'static {
     /// A short name for logs.
     const NAME: &'static str;
 
+    /// Requests with the same key are always written in one transaction, also when a
+    /// failed group is split up: the writer may rely on seeing them together (a task
+    /// that ran twice must act once). `None`: a request of its own.
+    fn key(_request: &Self::Request) -> Option<u128> {
+        None
+    }
+
     /// Opens the writer's connection: at the first group, and after a failed one.
     fn connect(&self) -> impl Future<Output = anyhow::Result<Self::Conn>> + Send;
 
@@ -91,18 +98,22 @@ async fn write_groups<W: GroupWrite>(
     mut receiver: mpsc::Receiver<Pending<W>>,
 ) {
     let mut conn = None;
+    let mut pending = Vec::with_capacity(max_group);
     let mut requests = Vec::with_capacity(max_group);
     let mut replies = Vec::with_capacity(max_group);
     while let Some(first) = receiver.recv().await {
-        let mut next = Some(first);
-        while let Some(Pending { request, reply }) = next {
+        pending.push(first);
+        while pending.len() < max_group {
+            match receiver.try_recv() {
+                Ok(next) => pending.push(next),
+                Err(_) => break,
+            }
+        }
+        // Same-key requests side by side, so a split keeps them together.
+        pending.sort_by_key(|p: &Pending<W>| W::key(&p.request));
+        for Pending { request, reply } in pending.drain(..) {
             requests.push(request);
             replies.push(reply);
-            next = if requests.len() < max_group {
-                receiver.try_recv().ok()
-            } else {
-                None
-            };
         }
         metrics::histogram!("group_write_size", "kind" => W::NAME).record(requests.len() as f64);
         let started = std::time::Instant::now();
@@ -119,8 +130,8 @@ async fn write_groups<W: GroupWrite>(
 
 /// The group in one transaction; if that fails, once more on a fresh connection (one
 /// the database dropped fails every statement until it is replaced); if that fails
-/// too, each request in a transaction of its own, so one request the database
-/// refuses fails alone. When no connection can be had, the rest fail at once.
+/// too, each request (with those of its key) in a transaction of its own, so one
+/// request the database refuses fails alone. When no connection can be had, the rest fail at once.
 async fn write_group<W: GroupWrite>(
     writer: &W,
     conn: &mut Option<W::Conn>,
@@ -141,15 +152,26 @@ async fn write_group<W: GroupWrite>(
     tracing::warn!(kind = W::NAME, error = %format!("{e:#}"), requests = requests.len(),
         "a grouped write failed twice; writing its requests one by one");
     let mut results = Vec::with_capacity(requests.len());
-    for (i, request) in requests.chunks(1).enumerate() {
-        match attempt(writer, conn, request).await {
-            Ok(mut one) => results.push(Ok(one.remove(0))),
-            Err(Failure::Write(e)) => results.push(Err(format!("{e:#}"))),
+    let mut start = 0;
+    while start < requests.len() {
+        let key = W::key(&requests[start]);
+        let len = match key {
+            None => 1,
+            Some(_) => requests[start..]
+                .iter()
+                .take_while(|r| W::key(r) == key)
+                .count(),
+        };
+        let part = &requests[start..start + len];
+        match attempt(writer, conn, part).await {
+            Ok(answers) => results.extend(answers.into_iter().map(Ok)),
+            Err(Failure::Write(e)) => results.extend(failed(len, &e)),
             Err(Failure::Connect(e)) => {
-                results.extend(failed(requests.len() - i, &e));
+                results.extend(failed(requests.len() - start, &e));
                 break;
             }
         }
+        start += len;
     }
     results
 }
@@ -284,6 +306,57 @@ mod tests {
             grouped.submit(21).await.unwrap(),
             42,
             "the writer still runs"
+        );
+    }
+
+    /// The doubler, but requests of the same ten (20–29, …) share a key.
+    struct ByTens(Arc<Doubler>);
+
+    impl GroupWrite for ByTens {
+        type Request = u32;
+        type Response = u32;
+        type Conn = ();
+        const NAME: &'static str = "by-tens";
+
+        fn key(n: &u32) -> Option<u128> {
+            Some(u128::from(n / 10))
+        }
+
+        async fn connect(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+
+        async fn write(&self, conn: &mut (), group: &[u32]) -> anyhow::Result<Vec<u32>> {
+            self.0.write(conn, group).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_split_group_keeps_requests_of_one_key_together() {
+        let doubler = Arc::new(Doubler::default());
+        let grouped = Grouped::start(ByTens(doubler.clone()), 64);
+        // Hold the writer with a first request so the next ones queue into one group.
+        let first = {
+            let grouped = grouped.clone();
+            tokio::spawn(async move { grouped.submit(1).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in [21u32, 13, 25, 22] {
+            let grouped = grouped.clone();
+            tasks.spawn(async move { (n, grouped.submit(n).await) });
+        }
+        assert_eq!(first.await.unwrap().unwrap(), 2);
+        while let Some(joined) = tasks.join_next().await {
+            match joined.unwrap() {
+                (13, result) => assert!(result.is_err(), "13 is refused"),
+                (n, result) => assert_eq!(result.unwrap(), n * 2),
+            }
+        }
+        let groups = doubler.groups.lock().unwrap();
+        assert!(
+            groups.contains(&vec![21, 25, 22]),
+            "the twenties written together after the split: {groups:?}"
         );
     }
 }

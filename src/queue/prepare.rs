@@ -74,6 +74,11 @@ impl GroupWrite for Preparer {
     type Conn = PoolConnection<Postgres>;
     const NAME: &'static str = "prepare";
 
+    /// A task that ran twice must meet its other run in one transaction to act once.
+    fn key(request: &Prepare) -> Option<u128> {
+        Some(request.item_id.as_u128())
+    }
+
     async fn connect(&self) -> anyhow::Result<Self::Conn> {
         Ok(db::writer_connection(&self.pool).await?)
     }

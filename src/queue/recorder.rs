@@ -10,7 +10,10 @@
 //! exactly when its outcome is written, and apalis needs no ack transaction of its own
 //! (see `queue::worker`).
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire, PgPool, Postgres, pool::PoolConnection};
@@ -69,6 +72,11 @@ impl GroupWrite for Recorder {
     type Conn = PoolConnection<Postgres>;
     const NAME: &'static str = "outcome";
 
+    /// Outcomes for one item are decided together (see `write`).
+    fn key(outcome: &Outcome) -> Option<u128> {
+        Some(outcome.item.id.as_u128())
+    }
+
     async fn connect(&self) -> anyhow::Result<Self::Conn> {
         Ok(db::writer_connection(&self.pool).await?)
     }
@@ -83,11 +91,21 @@ impl GroupWrite for Recorder {
         // The same task's outcome twice in one group (the task ran twice) acts once.
         // Outcomes of different tasks for one item all go to the statement, which
         // applies only the one whose task the item names.
-        let mut seen = HashSet::with_capacity(outcomes.len());
+        // Of one task's outcomes, the one that says most: accepted, then refused, then
+        // a transient failure (a duplicate run's 4xx must not schedule a retry for a
+        // message the other run got accepted).
+        let mut best: HashMap<(Uuid, &str), usize> = HashMap::with_capacity(outcomes.len());
+        for (i, o) in outcomes.iter().enumerate() {
+            let slot = best.entry((o.item.id, o.task_id.as_str())).or_insert(i);
+            if rank(&o.result) < rank(&outcomes[*slot].result) {
+                *slot = i;
+            }
+        }
         let decisions: Vec<Option<Decision>> = outcomes
             .iter()
-            .map(|o| {
-                seen.insert((o.item.id, o.task_id.as_str()))
+            .enumerate()
+            .map(|(i, o)| {
+                (best.get(&(o.item.id, o.task_id.as_str())) == Some(&i))
                     .then(|| decide(o, &self.retry))
             })
             .collect();
@@ -96,7 +114,7 @@ impl GroupWrite for Recorder {
             .zip(&decisions)
             .filter_map(|(o, d)| d.as_ref().map(|d| d.record(o)))
             .collect();
-        let tasks: Vec<&str> = seen.iter().map(|(_, task)| *task).collect();
+        let tasks: Vec<&str> = best.keys().map(|(_, task)| *task).collect();
         // (the outcome's task, the retry's new task)
         let retries: Vec<(&str, NewTask<'_>)> = outcomes
             .iter()
@@ -148,6 +166,15 @@ impl GroupWrite for Recorder {
                 delivery
             })
             .collect())
+    }
+}
+
+/// Which of a task's outcomes wins when it ran twice: lower is better.
+fn rank(result: &Attempted) -> u8 {
+    match result {
+        Attempted::Sent(Ok(())) => 0,
+        Attempted::Sent(Err(SendError::Permanent(_))) | Attempted::NotSent { .. } => 1,
+        Attempted::Sent(Err(SendError::Transient(_))) => 2,
     }
 }
 
