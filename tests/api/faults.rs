@@ -24,7 +24,7 @@ use crate::{
         KEY, TestApp, bounded_client, candidates, database_name, link_in, prepare_app_with,
         server_url, spawn_app_with, test_settings,
     },
-    process::Service,
+    process::{Service, ServiceProcess},
 };
 
 /// How long a freshly started process may take to answer `/readyz`.
@@ -103,6 +103,35 @@ async fn assert_every_item_sent(app: &TestApp, id: &str, n: usize) -> Vec<Value>
     items
 }
 
+/// Starts a second `serve` on the same database, waits for the batch to complete,
+/// checks every item sent; returns the process (kept alive by the caller) and how many
+/// candidates received a message twice.
+async fn finish_with_a_second_process(
+    app: &mut TestApp,
+    serve: &Service,
+    id: &str,
+    people: &[Value],
+) -> (ServiceProcess, usize) {
+    let mut second = serve.start("serve #2");
+    second.wait_ready(READY).await;
+    app.base = second.base();
+    let batch = app
+        .wait_for_status(id, "completed", Duration::from_secs(90))
+        .await;
+    assert_eq!(batch["counts"], all_sent(100), "{batch}");
+    assert_every_item_sent(app, id, 100).await;
+    (second, check_everyone_received(app, people))
+}
+
+/// A crash repeats at most the sends that were in flight.
+fn assert_repeats_within_sends_in_flight(app: &TestApp, repeated: usize) {
+    let concurrency = app.settings.worker.concurrency;
+    assert!(
+        repeated <= concurrency,
+        "{repeated} candidates got a repeat; at most the {concurrency} sends in flight may"
+    );
+}
+
 #[tokio::test]
 async fn a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_the_sends_in_flight() {
     let mut app = prepare_app_with(|s| {
@@ -131,25 +160,12 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_the_sends_i
 
     // The new process runs the pending tasks at once and the dead one's tasks once its
     // heartbeat has lapsed (recover_after_secs): a bound, not a speed check.
-    let mut second = serve.start("serve #2");
-    second.wait_ready(READY).await;
-    app.base = second.base();
-    let batch = app
-        .wait_for_status(&id, "completed", Duration::from_secs(90))
-        .await;
-    assert_eq!(batch["counts"], all_sent(100), "{batch}");
-    assert_every_item_sent(&app, &id, 100).await;
-
-    let repeated = check_everyone_received(&app, &people);
-    let concurrency = app.settings.worker.concurrency;
+    let (_second, repeated) = finish_with_a_second_process(&mut app, &serve, &id, &people).await;
     eprintln!(
         "killed after {at_kill} accepted messages; {repeated} candidates received a \
-         message twice (bound: worker.concurrency = {concurrency})"
+         message twice (bound: worker.concurrency)"
     );
-    assert!(
-        repeated <= concurrency,
-        "{repeated} candidates got a repeat; at most the {concurrency} sends in flight may"
-    );
+    assert_repeats_within_sends_in_flight(&app, repeated);
 }
 
 #[tokio::test]
@@ -459,24 +475,12 @@ async fn sigterm_mid_batch_exits_cleanly_and_a_restart_finishes_the_batch() {
         "the process stopped mid-batch: {at_stop} messages accepted by then"
     );
 
-    let mut second = serve.start("serve #2");
-    second.wait_ready(READY).await;
-    app.base = second.base();
-    let batch = app
-        .wait_for_status(&id, "completed", Duration::from_secs(90))
-        .await;
-    assert_eq!(batch["counts"], all_sent(100), "{batch}");
-    assert_every_item_sent(&app, &id, 100).await;
-    let repeated = check_everyone_received(&app, &people);
-    let concurrency = app.settings.worker.concurrency;
+    let (_second, repeated) = finish_with_a_second_process(&mut app, &serve, &id, &people).await;
     eprintln!(
         "SIGTERM after 50 accepted, {at_stop} accepted when the process exited; \
-         {repeated} candidates received a message twice (bound: {concurrency})"
+         {repeated} candidates received a message twice"
     );
-    assert!(
-        repeated <= concurrency,
-        "{repeated} candidates got a repeat; at most the {concurrency} sends in flight may"
-    );
+    assert_repeats_within_sends_in_flight(&app, repeated);
 }
 
 #[tokio::test]
