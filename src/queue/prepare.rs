@@ -175,15 +175,11 @@ impl GroupWrite for Preparer {
                     detail,
                 },
                 Step::Send(item, _) => match begun.get(&item.id) {
-                    Some(begun) => {
-                        let mut item = item.clone();
-                        item.invitation_id = Some(begun.invitation_id);
-                        Prepared::Send {
-                            item: Box::new(item),
-                            invitation_id: begun.invitation_id,
-                            attempt: begun.attempts,
-                        }
-                    }
+                    Some(begun) => Prepared::Send {
+                        item: Box::new(item.clone()),
+                        invitation_id: begun.invitation_id,
+                        attempt: begun.attempts,
+                    },
                     // Not minted under `skip`: a live invitation exists.
                     None => Prepared::NotSent {
                         item: Box::new(item.clone()),

@@ -37,7 +37,7 @@ use crate::{
 /// What one attempt ended in, to be recorded.
 #[derive(Debug)]
 pub struct Outcome {
-    /// The item as phase 1 read it (under its lock, with its invitation).
+    /// The item as phase 1 read it, under its lock.
     pub item: Box<LockedItem>,
     /// The task that made the attempt: if the item names another one now, or is no
     /// longer pending, the outcome is stale (cancelled while the message was on its
