@@ -59,39 +59,9 @@ pub struct NewBatch {
     pub request_hash: Option<Vec<u8>>,
 }
 
-/// Writes the candidates (latest request wins), then the batch and its items (one
-/// statement). The caller pushes the queue tasks in the same transaction and commits.
+/// Writes the batch and its items (one statement). The caller pushes the queue tasks in
+/// the same transaction and commits.
 pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<BatchRow> {
-    // Upsert candidates in id order so two batches sharing candidates cannot deadlock.
-    let mut candidates: Vec<&NewItem> = batch.items.iter().collect();
-    candidates.sort_by(|a, b| a.candidate_id.cmp(&b.candidate_id));
-    sqlx::query(
-        "INSERT INTO candidates (id, email, name)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-         ON CONFLICT (id) DO UPDATE
-            SET email = EXCLUDED.email, name = EXCLUDED.name, updated_at = now()",
-    )
-    .bind(
-        candidates
-            .iter()
-            .map(|i| i.candidate_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        candidates
-            .iter()
-            .map(|i| i.email.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        candidates
-            .iter()
-            .map(|i| i.name.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut *tx)
-    .await?;
-
     let total = i32::try_from(batch.items.len()).unwrap_or(i32::MAX);
     let items = &batch.items;
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -327,7 +297,7 @@ pub enum Retry {
 }
 
 /// Puts failed items back to `pending` (new task ids, attempts reset, a corrected
-/// address replacing the item's and the candidate's) and the batch back to `running`.
+/// address replacing the item's) and the batch back to `running`.
 /// `only` limits it to those candidates; `None` retries every failed item. The caller
 /// pushes the tasks in the same transaction and commits.
 pub async fn retry(
@@ -366,7 +336,7 @@ pub async fn retry(
             .find(|(_, c, s)| c == cid && s == "failed")
             .map(|(i, ..)| *i)
     };
-    let chosen: Vec<(Uuid, String, Option<String>)> = match only {
+    let chosen: Vec<(Uuid, Option<String>)> = match only {
         Some(list) => {
             let not: Vec<String> = list
                 .iter()
@@ -377,15 +347,13 @@ pub async fn retry(
                 return Ok(Retry::NotRetryable(not));
             }
             list.iter()
-                .filter_map(|r| {
-                    failed(&r.candidate_id).map(|i| (i, r.candidate_id.clone(), r.email.clone()))
-                })
+                .filter_map(|r| failed(&r.candidate_id).map(|i| (i, r.email.clone())))
                 .collect()
         }
         None => rows
             .iter()
             .filter(|(_, _, s)| s == "failed")
-            .map(|(i, c, _)| (*i, c.clone(), None))
+            .map(|(i, ..)| (*i, None))
             .collect(),
     };
     if chosen.is_empty() {
@@ -405,25 +373,7 @@ pub async fn retry(
     )
     .bind(tasks.iter().map(|(i, _)| *i).collect::<Vec<_>>())
     .bind(tasks.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>())
-    .bind(
-        chosen
-            .iter()
-            .map(|(_, _, e)| e.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut *tx)
-    .await?;
-    let mut corrected: Vec<(&str, &str)> = chosen
-        .iter()
-        .filter_map(|(_, c, e)| e.as_deref().map(|e| (c.as_str(), e)))
-        .collect();
-    corrected.sort();
-    sqlx::query(
-        "UPDATE candidates c SET email = t.email, updated_at = now()
-           FROM unnest($1::text[], $2::text[]) AS t(id, email) WHERE c.id = t.id",
-    )
-    .bind(corrected.iter().map(|(c, _)| *c).collect::<Vec<_>>())
-    .bind(corrected.iter().map(|(_, e)| *e).collect::<Vec<_>>())
+    .bind(chosen.iter().map(|(_, e)| e.as_deref()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     let n = i32::try_from(chosen.len()).unwrap_or(i32::MAX);

@@ -185,7 +185,6 @@ impl TestApp {
         let mut out = Vec::new();
         for table in [
             "jobs",
-            "candidates",
             "batches",
             "batch_items",
             "invitations",

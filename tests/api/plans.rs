@@ -36,7 +36,6 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
     // case for a plan that is kept while the tables grow.
     sqlx::raw_sql(
         "INSERT INTO jobs (id, title, status) VALUES ('job-1', 'Engineer', 'open');
-         INSERT INTO candidates (id, email) VALUES ('c-1', 'c1@example.com');
          INSERT INTO batches (id, job_id, duration_minutes, on_duplicate, total, pending)
               VALUES ('00000000-0000-0000-0000-000000000001', 'job-1', 30, 'skip', 1, 1);
          INSERT INTO batch_items (id, batch_id, position, candidate_id, email, task_id)
