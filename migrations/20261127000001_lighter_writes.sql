@@ -1,11 +1,19 @@
 -- Lighter writes on the enqueue and delivery paths; no stored state changes meaning.
 
--- `candidates` held the latest email and name per candidate id, but nothing ever read it:
--- every item keeps the address and name its request gave. Writing it cost an upsert per
--- batch and a foreign-key check per item and per invitation.
+-- A candidate's email and name are stored as given, and the latest request wins: every
+-- item keeps the address and name its request gave (a retry's corrected address
+-- included), so `candidates` is now a view of the latest ones instead of a second copy.
+-- Keeping the copy cost an upsert per batch and a foreign-key check per item and per
+-- invitation, and nothing read it.
 ALTER TABLE batch_items DROP CONSTRAINT batch_items_candidate_id_fkey;
 ALTER TABLE invitations DROP CONSTRAINT invitations_candidate_id_fkey;
 DROP TABLE candidates;
+CREATE VIEW candidates AS
+    SELECT DISTINCT ON (i.candidate_id)
+           i.candidate_id AS id, i.email, i.name, b.created_at AS given_at
+      FROM batch_items i
+      JOIN batches b ON b.id = i.batch_id
+     ORDER BY i.candidate_id, b.created_at DESC, b.id DESC;
 
 -- The same rule for external ids, cheaper to check: PostgreSQL's regex engine expands the
 -- bounded repetition `{1,128}` into 128 states; measured, 1.6 µs per value against about

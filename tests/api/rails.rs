@@ -399,6 +399,43 @@ async fn retry_with_corrected_addresses_turns_8_sent_2_failed_into_10_sent() {
     assert_eq!(after["counts"], before["counts"]);
     assert_eq!(after["completed_at"], before["completed_at"]);
     assert_eq!(app.row_counts().await, counts_before);
+
+    // Each candidate's email and name as last given: a corrected address counts, and a
+    // later request wins.
+    app.open_job("job-r-later").await;
+    let later = app
+        .create_batch(
+            "job-r-later",
+            vec![json!({"id": "r-0", "email": "new.r.0@example.com", "name": "Renamed"})],
+        )
+        .await;
+    app.wait_until_completed(&later).await;
+    let stored: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT id::text, email, name FROM candidates WHERE id IN ('r-0', 'r-1', 'r-2') ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("candidates");
+    assert_eq!(
+        stored,
+        vec![
+            (
+                "r-0".into(),
+                "new.r.0@example.com".into(),
+                Some("Renamed".into())
+            ),
+            (
+                "r-1".into(),
+                "r.1@example.com".into(),
+                Some("Candidate 1".into())
+            ),
+            (
+                "r-2".into(),
+                "fixed.r.2@example.com".into(),
+                Some("Candidate 2".into())
+            ),
+        ]
+    );
 }
 
 // 4 ------------------------------------------------------------------------------------
