@@ -20,7 +20,7 @@ use std::{
     sync::Arc,
 };
 
-use sqlx::{Acquire, PgPool, Postgres, pool::PoolConnection};
+use sqlx::{PgPool, Postgres, pool::PoolConnection};
 use uuid::Uuid;
 
 use crate::{
@@ -71,7 +71,7 @@ pub struct Preparer {
 impl GroupWrite for Preparer {
     type Request = Prepare;
     type Response = Prepared;
-    type Conn = PoolConnection<Postgres>;
+    type Conn = OpenTransaction;
     const NAME: &'static str = "prepare";
 
     /// A task that ran twice must meet its other run in one transaction to act once.
@@ -80,19 +80,23 @@ impl GroupWrite for Preparer {
     }
 
     async fn connect(&self) -> anyhow::Result<Self::Conn> {
-        Ok(db::writer_connection(&self.pool).await?)
+        let mut conn = db::writer_connection(&self.pool).await?;
+        sqlx::raw_sql("SET idle_in_transaction_session_timeout = 0; BEGIN")
+            .execute(&mut *conn)
+            .await?;
+        Ok(OpenTransaction(conn))
     }
 
-    /// Two statements in one transaction: lock and read (with the pair locks), then
-    /// mint and count ([`sql::begin_attempts`]).
+    /// Two statements in the open transaction: lock and read (with the pair locks),
+    /// then mint and count ([`sql::begin_attempts`]); then `COMMIT; BEGIN`.
     async fn write(
         &self,
-        conn: &mut PoolConnection<Postgres>,
+        conn: &mut OpenTransaction,
         group: &[Prepare],
     ) -> anyhow::Result<Vec<Prepared>> {
         let ids: Vec<Uuid> = group.iter().map(|p| p.item_id).collect();
-        let mut tx = conn.begin().await?;
-        let locked = sql::lock_for_prepare(&mut tx, &ids).await?;
+        let tx = &mut *conn.0;
+        let locked = sql::lock_for_prepare(tx, &ids).await?;
         let items: HashMap<Uuid, &LockedItem> = locked.iter().map(|i| (i.id, i)).collect();
 
         // In request order. A task run twice in one group acts once. Of the items of
@@ -156,13 +160,13 @@ impl GroupWrite for Preparer {
             HashMap::new()
         } else {
             let ttl_hours = self.settings.invite.ttl_hours;
-            sql::begin_attempts(&mut tx, &attempts, &queued, ttl_hours)
+            sql::begin_attempts(tx, &attempts, &queued, ttl_hours)
                 .await?
                 .into_iter()
                 .map(|b| (b.id, b))
                 .collect()
         };
-        tx.commit().await?;
+        sqlx::raw_sql("COMMIT; BEGIN").execute(&mut *tx).await?;
 
         Ok(steps
             .into_iter()
@@ -191,6 +195,15 @@ impl GroupWrite for Preparer {
             .collect())
     }
 }
+
+/// The preparer's connection, always inside a transaction: the next group's `BEGIN`
+/// travels with this group's `COMMIT` (`COMMIT; BEGIN`, one round trip), which took a
+/// round trip off every group (0.27 ms of a 1.95 ms group write, measured). A
+/// transaction that has run no statement holds no snapshot and no transaction id, so
+/// the idle one holds nothing back, vacuum included; `idle_in_transaction_session_timeout`
+/// is off for this session so a quiet spell cannot end it. After a failed write the
+/// group writer drops the connection (it is closed, never returned to the pool).
+pub struct OpenTransaction(PoolConnection<Postgres>);
 
 /// What phase 1 decides for one request before the second statement.
 enum Step<'a> {
