@@ -45,6 +45,8 @@ pub struct NewItem {
     pub candidate_id: String,
     pub email: String,
     pub name: Option<String>,
+    /// Why `email` cannot be sent to (the item will fail with `invalid_email`).
+    pub email_error: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,10 +73,13 @@ pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Bat
             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
             RETURNING {BATCH_COLUMNS}),
          items AS (
-            INSERT INTO batch_items (id, batch_id, position, candidate_id, email, name, task_id)
-            SELECT id, $1, position, candidate_id, email, name, task_id
-              FROM unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[])
-                   WITH ORDINALITY AS t(id, candidate_id, email, name, task_id, position))
+            INSERT INTO batch_items (id, batch_id, position, candidate_id, email, name, task_id,
+                                     email_error)
+            SELECT id, $1, position, candidate_id, email, name, task_id, email_error
+              FROM unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[],
+                          $14::text[])
+                   WITH ORDINALITY AS t(id, candidate_id, email, name, task_id, email_error,
+                                        position))
          SELECT * FROM batch"
     )))
     .bind(batch.id)
@@ -95,6 +100,12 @@ pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Bat
     .bind(items.iter().map(|i| i.email.as_str()).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.name.as_deref()).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.task_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        items
+            .iter()
+            .map(|i| i.email_error.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .fetch_one(&mut *tx)
     .await
 }
@@ -367,7 +378,9 @@ pub async fn retry(
         "UPDATE batch_items i
             SET status = 'pending', reason = NULL, attempts = 0, last_error = NULL,
                 invitation_id = NULL, sending_at = NULL, next_attempt_at = NULL,
-                task_id = t.task_id, email = coalesce(t.email, i.email), updated_at = now()
+                task_id = t.task_id, email = coalesce(t.email, i.email),
+                email_error = CASE WHEN t.email IS NULL THEN i.email_error END,
+                updated_at = now()
            FROM unnest($1::uuid[], $2::text[], $3::text[]) AS t(id, task_id, email)
           WHERE i.id = t.id",
     )

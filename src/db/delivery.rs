@@ -21,8 +21,10 @@ use uuid::Uuid;
 
 use crate::domain::states::{ItemReason, ItemStatus};
 
-/// An item with what delivering it needs to know, read under the item's row lock.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// An item with what delivering it needs to know, read under the item's row lock (the
+/// database type `prepare_item`).
+#[derive(Debug, Clone, sqlx::Type)]
+#[sqlx(type_name = "prepare_item")]
 pub struct LockedItem {
     pub id: Uuid,
     pub batch_id: Uuid,
@@ -33,6 +35,8 @@ pub struct LockedItem {
     pub email: String,
     pub name: Option<String>,
     pub invitation_id: Option<Uuid>,
+    /// Why the address cannot be sent to, decided when it was written.
+    pub email_error: Option<String>,
     pub job_id: String,
     pub job_title: String,
     pub job_status: String,
@@ -41,164 +45,56 @@ pub struct LockedItem {
     pub duration_minutes: i32,
 }
 
-/// The statement of [`lock_for_prepare`] (`$1`: item ids).
-pub const LOCK_FOR_PREPARE: &str = "WITH locked AS MATERIALIZED (
-            SELECT id, batch_id, task_id, status, attempts, candidate_id, email, name,
-                   invitation_id
-              FROM batch_items
-             WHERE id = ANY($1)
-             ORDER BY id
-               FOR NO KEY UPDATE),
-         b AS MATERIALIZED (
-            SELECT id, job_id, status, on_duplicate, duration_minutes FROM batches
-             WHERE id = ANY(ARRAY(SELECT batch_id FROM locked))),
-         j AS MATERIALIZED (
-            SELECT id, title, status FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM b))),
-         items AS MATERIALIZED (
-            SELECT i.*, b.job_id, j.title AS job_title, j.status AS job_status,
-                   b.status AS batch_status, b.on_duplicate, b.duration_minutes
-              FROM locked i
-              JOIN b ON b.id = i.batch_id
-              JOIN j ON j.id = b.job_id),
-         pair_locks AS MATERIALIZED (
-            SELECT pg_advisory_xact_lock(k)
-              FROM (SELECT DISTINCT hashtextextended(job_id || '/' || candidate_id, 7141) AS k
-                      FROM items
-                     WHERE status = 'pending' AND invitation_id IS NULL
-                       AND on_duplicate = 'skip' AND job_status <> 'closed'
-                     ORDER BY k) AS keys)
-         SELECT * FROM items WHERE (SELECT count(*) FROM pair_locks) >= 0";
-
-/// Phase 1, first statement: locks the items (in id order) and reads them with their
-/// batch and job; then, in the same statement, takes the advisory lock of every
-/// (job, candidate) pair that may need the duplicate check (in key order), held until
-/// the transaction ends. The check itself must run in a later statement, whose
-/// snapshot is taken after the locks: that is what makes two batches racing for one
-/// candidate see each other's invitation.
-///
-/// (The scalar subquery is evaluated once, before the first row is returned, and it
-/// reads every locked item first: item locks, then pair locks, each set in order.)
-pub async fn lock_for_prepare(
-    tx: &mut PgConnection,
-    ids: &[Uuid],
-) -> sqlx::Result<Vec<LockedItem>> {
-    sqlx::query_as(LOCK_FOR_PREPARE)
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await
-}
-
-/// One send attempt to begin in phase 1.
-pub struct BeginAttempt<'a> {
-    pub item: &'a LockedItem,
-    /// The invitation to mint first (the item's first attempt); `None` when a later
-    /// attempt reuses the one the item has.
-    pub mint: Option<Mint>,
-    /// Mint only if the candidate holds no live invitation for the job
-    /// (`on_duplicate: skip`); the pair's advisory lock is held.
-    pub unless_invited: bool,
-}
-
-/// An invitation to mint: its id (the link is derived from it) and the SHA-256 of its
-/// token.
-pub struct Mint {
-    pub id: Uuid,
+/// One request of phase 1: the item, the task acting on it, and the invitation to mint
+/// if the item has none yet (its id, from which the link is derived, and the SHA-256
+/// of its token).
+pub struct PrepareRequest<'a> {
+    pub item: Uuid,
+    pub task_id: &'a str,
+    pub mint_id: Uuid,
     pub token_hash: [u8; 32],
 }
 
-/// An attempt that began: the item, its new attempt count and its invitation.
+/// What phase 1 decided for one request (see `prepare_items` in the migrations).
 #[derive(Debug, sqlx::FromRow)]
-pub struct Begun {
-    pub id: Uuid,
-    pub attempts: i32,
-    pub invitation_id: Uuid,
+pub struct PrepareRow {
+    /// 1-based position of the request.
+    pub ord: i32,
+    /// `nothing`, `duplicate`, `job_closed`, `invalid_email`, `already_invited` or `send`.
+    pub decision: String,
+    /// For `invalid_email`: what is wrong with the address.
+    pub detail: Option<String>,
+    /// The item as locked (none for `nothing`).
+    pub item: Option<LockedItem>,
+    /// For `send`: the invitation every attempt carries, and the attempt's number.
+    pub invitation_id: Option<Uuid>,
+    pub attempts: Option<i32>,
 }
 
-/// The statement of [`begin_attempts`].
-pub const BEGIN_ATTEMPTS: &str = "WITH t AS (
-            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::bool[], $5::text[],
-                                 $6::text[], $7::uuid[], $8::int[])
-                AS t(item_id, mint_id, token_hash, unless_invited, job_id, candidate_id,
-                     batch_id, duration_minutes)),
-         running AS (
-            UPDATE batches SET status = 'running'
-             WHERE id = ANY(ARRAY(SELECT id FROM batches WHERE id = ANY($9) AND status = 'queued'
-                                  ORDER BY id FOR NO KEY UPDATE))),
-         minted AS (
-            INSERT INTO invitations (id, item_id, token_hash, job_id, candidate_id, batch_id,
-                                     duration_minutes, expires_at)
-            SELECT t.mint_id, t.item_id, t.token_hash, t.job_id, t.candidate_id, t.batch_id,
-                   t.duration_minutes, now() + make_interval(hours => $10)
-              FROM t
-              LEFT JOIN LATERAL (
-                    SELECT 1 AS found FROM invitations v
-                     WHERE v.job_id = t.job_id AND v.candidate_id = t.candidate_id
-                       AND (v.status = 'IN_PROGRESS'
-                            OR (v.status = 'PENDING' AND v.expires_at > now()))
-                     LIMIT 1) live ON t.unless_invited
-             WHERE t.mint_id IS NOT NULL AND live.found IS NULL
-            RETURNING id, item_id)
-         UPDATE batch_items i
-            SET invitation_id = coalesce(m.id, i.invitation_id),
-                attempts = i.attempts + 1, next_attempt_at = NULL, sending_at = now(),
-                updated_at = now()
-           FROM t
-           LEFT JOIN minted m ON m.item_id = t.item_id
-          WHERE i.id = ANY($1) AND i.id = t.item_id AND (t.mint_id IS NULL OR m.id IS NOT NULL)
-         RETURNING i.id, i.attempts, i.invitation_id";
+/// The statement of [`prepare_items`].
+pub const PREPARE_ITEMS: &str = "SELECT * FROM prepare_items($1, $2, $3, $4, $5)";
 
-/// Phase 1, second statement: marks `queued` batches `running`, mints the invitations
-/// of first attempts (those under `unless_invited` only when no live invitation
-/// exists for the pair; expiring `ttl_hours` from now, moved again when the message is
-/// accepted), and counts one more attempt on every item that may now be sent, marking
-/// its send as under way. Returns the items that begin an attempt; an
-/// `unless_invited` item missing from it was already invited.
-pub async fn begin_attempts(
-    tx: &mut PgConnection,
-    attempts: &[BeginAttempt<'_>],
-    queued_batches: &[Uuid],
+/// Phase 1 for a group in one call, one round trip and one commit: the database
+/// function `prepare_items` (in the migrations) locks the items, takes the pair locks,
+/// decides, mints and counts. Run it outside a transaction: the commit is its own.
+/// One row per request, in request order.
+pub async fn prepare_items(
+    conn: &mut PgConnection,
+    requests: &[PrepareRequest<'_>],
     ttl_hours: u32,
-) -> sqlx::Result<Vec<Begun>> {
-    let column = |f: &dyn Fn(&BeginAttempt<'_>) -> Option<Uuid>| -> Vec<Option<Uuid>> {
-        attempts.iter().map(f).collect()
-    };
-    sqlx::query_as(BEGIN_ATTEMPTS)
-        .bind(column(&|a| Some(a.item.id)))
-        .bind(column(&|a| a.mint.as_ref().map(|m| m.id)))
+) -> sqlx::Result<Vec<PrepareRow>> {
+    sqlx::query_as(PREPARE_ITEMS)
+        .bind(requests.iter().map(|r| r.item).collect::<Vec<_>>())
+        .bind(requests.iter().map(|r| r.task_id).collect::<Vec<_>>())
+        .bind(requests.iter().map(|r| r.mint_id).collect::<Vec<_>>())
         .bind(
-            attempts
+            requests
                 .iter()
-                .map(|a| a.mint.as_ref().map(|m| m.token_hash.to_vec()))
+                .map(|r| r.token_hash.to_vec())
                 .collect::<Vec<_>>(),
         )
-        .bind(
-            attempts
-                .iter()
-                .map(|a| a.unless_invited)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            attempts
-                .iter()
-                .map(|a| a.item.job_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            attempts
-                .iter()
-                .map(|a| a.item.candidate_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(&|a| Some(a.item.batch_id)))
-        .bind(
-            attempts
-                .iter()
-                .map(|a| a.item.duration_minutes)
-                .collect::<Vec<_>>(),
-        )
-        .bind(queued_batches)
         .bind(i32::try_from(ttl_hours).unwrap_or(i32::MAX))
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await
 }
 

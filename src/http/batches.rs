@@ -349,6 +349,7 @@ pub async fn create(
             candidate_id: c.id.to_string(),
             email: c.email.clone(),
             name: c.name.clone(),
+            email_error: c.email_problem.clone(),
         })
         .collect();
     let batch = NewBatch {

@@ -213,6 +213,29 @@ async fn three_worker_processes_on_one_database_send_each_invite_exactly_once() 
         .map(|w| w.stderr().matches(": sent item=").count())
         .collect();
     eprintln!("messages sent per worker process (from their logs): {share:?}");
+
+    // Six batches for the same 40 candidates of another job, posted at once: the three
+    // processes prepare them side by side, and under `skip` each candidate is invited
+    // once (the per-(job, candidate) lock is what holds across processes).
+    // Three rounds: the race is a matter of timing.
+    app.open_job("job-2").await;
+    for round in 1..=3 {
+        let same = candidates(&format!("race{round}"), 40);
+        let posts = (0..6).map(|_| app.create_batch("job-2", same.clone()));
+        let racing: Vec<String> = futures::future::join_all(posts).await;
+        let mut sent = 0;
+        for id in &racing {
+            let batch = app
+                .wait_for_status(id, "completed", Duration::from_secs(90))
+                .await;
+            sent += batch["counts"]["sent"].as_i64().expect("sent");
+        }
+        assert_eq!(
+            sent, 40,
+            "round {round}: one invitation per candidate across six batches"
+        );
+    }
+    assert_eq!(app.smtp.messages().len(), 620, "and one message each");
 }
 
 #[tokio::test]

@@ -3,11 +3,15 @@
 //! reach every table through an index condition, or a plan made on an empty table
 //! keeps reading the whole table once it has grown.
 
-use invite_worker::db::{
-    self,
-    delivery::{BEGIN_ATTEMPTS, LOCK_FOR_PREPARE, RECORD},
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
 };
+
+use invite_worker::db::{self, delivery::RECORD};
 use serde_json::Value;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::{Layer, layer::SubscriberExt};
 
 use crate::helpers::prepare_app_with;
 
@@ -55,19 +59,12 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
     let mut conn = db::writer_connection(&app.pool)
         .await
         .expect("a writer connection");
-    let statements = [
-        ("lock_for_prepare", "uuid[]", LOCK_FOR_PREPARE),
-        (
-            "begin_attempts",
-            "uuid[], uuid[], bytea[], bool[], text[], text[], uuid[], int[], uuid[], int",
-            BEGIN_ATTEMPTS,
-        ),
-        (
-            "record",
-            "uuid[], text[], text[], text[], text[], text[], timestamptz[], text[], text[]",
-            RECORD,
-        ),
-    ];
+    // Phase 3: one statement, explained directly.
+    let statements = [(
+        "record",
+        "uuid[], text[], text[], text[], text[], text[], timestamptz[], text[], text[]",
+        RECORD,
+    )];
     for (name, types, sql) in statements {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "PREPARE {name} ({types}) AS {sql}"
@@ -90,5 +87,100 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
             unbounded.is_empty(),
             "{name}: scans without an index condition {unbounded:?} in {plan:#}"
         );
+    }
+
+    // Phase 1: the statements inside `prepare_items`, as PostgreSQL runs them there
+    // (auto_explain hands each nested statement's plan to the client as a notice).
+    let notices = Notices::default();
+    let _capture =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(notices.clone()));
+    sqlx::raw_sql(
+        "LOAD 'auto_explain';
+         SET auto_explain.log_min_duration = 0;
+         SET auto_explain.log_nested_statements = on;
+         SET auto_explain.log_format = json;
+         SET auto_explain.log_level = notice;
+         SET client_min_messages = notice;",
+    )
+    .execute(&mut *conn)
+    .await
+    .expect("auto_explain");
+    let decision: String = sqlx::query_scalar(
+        "SELECT decision FROM prepare_items(
+                    ARRAY['00000000-0000-0000-0000-000000000002']::uuid[],
+                    ARRAY['01J00000000000000000000000'],
+                    ARRAY['00000000-0000-0000-0000-000000000004']::uuid[],
+                    ARRAY[sha256('y')], 1)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("prepare_items runs");
+    assert_eq!(
+        decision, "send",
+        "the whole path ran: lock, pair lock, mint, count"
+    );
+    let plans: Vec<Value> = notices
+        .take()
+        .iter()
+        .filter_map(|n| {
+            n.find('{')
+                .and_then(|at| serde_json::from_str(&n[at..]).ok())
+        })
+        .collect();
+    let mut relations = BTreeSet::new();
+    for plan in plans.iter().filter(|p| {
+        p["Query Text"]
+            .as_str()
+            .is_some_and(|q| !q.contains("FROM prepare_items("))
+    }) {
+        let mut scans = Vec::new();
+        table_scans(&plan["Plan"], &mut scans);
+        let unbounded: Vec<_> = scans.iter().filter(|(_, _, cond)| !cond).collect();
+        assert!(
+            unbounded.is_empty(),
+            "prepare_items: scans without an index condition {unbounded:?} in {plan:#}"
+        );
+        relations.extend(scans.into_iter().map(|(_, relation, _)| relation));
+    }
+    for table in ["batch_items", "batches", "jobs", "invitations"] {
+        assert!(
+            relations.contains(table),
+            "prepare_items reads {table}: plans seen for {relations:?} in {plans:#?}"
+        );
+    }
+}
+
+/// The notices the server sends, by way of sqlx's log events.
+#[derive(Clone, Default)]
+struct Notices(Arc<Mutex<Vec<String>>>);
+
+impl Notices {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().expect("notices"))
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Notices {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(Option<String>);
+        impl Visit for Message {
+            fn record_str(&mut self, field: &Field, value: &str) {
+                if field.name() == "message" {
+                    self.0 = Some(value.to_owned());
+                }
+            }
+            fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" && self.0.is_none() {
+                    self.0 = Some(format!("{value:?}"));
+                }
+            }
+        }
+        if event.metadata().target() == "sqlx::postgres::notice" {
+            let mut message = Message(None);
+            event.record(&mut message);
+            if let Some(text) = message.0 {
+                self.0.lock().expect("notices").push(text);
+            }
+        }
     }
 }

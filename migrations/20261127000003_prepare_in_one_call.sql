@@ -1,0 +1,173 @@
+-- Phase 1 of a delivery (see `queue::prepare`) in one call: one round trip and one
+-- commit per group, where the same work written from the application took three round
+-- trips (lock and read; mint and count; commit).
+
+-- Why an item's address cannot be sent to, decided in the application when the address
+-- is written (at enqueue; a retry's corrected address must be valid); null when it can.
+ALTER TABLE batch_items ADD COLUMN email_error text;
+
+-- An item as phase 1 reads it, under its row lock.
+CREATE TYPE prepare_item AS (
+    id               uuid,
+    batch_id         uuid,
+    task_id          text,
+    status           text,
+    attempts         integer,
+    candidate_id     text,
+    email            text,
+    name             text,
+    invitation_id    uuid,
+    email_error      text,
+    job_id           text,
+    job_title        text,
+    job_status       text,
+    batch_status     text,
+    on_duplicate     text,
+    duration_minutes integer
+);
+
+-- For request n (item p_items[n] on behalf of task p_tasks[n]), in request order:
+--   decision: 'nothing'   the item is terminal, gone, or belongs to another task;
+--             'duplicate' the same task is in this group already (it ran twice);
+--             'job_closed', 'invalid_email', 'already_invited': it ends unsent
+--             (detail: the address problem);
+--             'send'      its invitation exists (minted now with p_mints[n] and
+--                         p_hashes[n] if it had none) and the attempt is counted.
+--   item: the item as locked (null for 'nothing'); invitation_id, attempts: after the
+--   attempt began ('send' only).
+--
+-- Three statements, each with its own snapshot (a VOLATILE function in READ COMMITTED):
+-- 1. lock the items (in id order) and read them with their batch and job;
+-- 2. take the advisory lock of every (job, candidate) pair that may need the
+--    duplicate check (in key order), held until the commit;
+-- 3. decide, mark queued batches running, mint (under `skip` only when the pair holds
+--    no live invitation: this statement's snapshot is taken after the pair locks, so
+--    it sees an invitation another batch minted under the same lock), and count.
+-- Within a group, of the items of one pair that would mint, only the first may: under
+-- `skip`, a later one is already invited whether the first mints now or found a live
+-- invitation. Lock order as everywhere: items, pairs, batches.
+--
+-- Every table is reached through an index condition (`= ANY` of keys given or computed
+-- first), whatever the planner thinks of table sizes: the group writer's connection
+-- plans once (`db::writer_connection`); `tests/api/plans.rs` checks the plans.
+CREATE FUNCTION prepare_items(p_items uuid[], p_tasks text[], p_mints uuid[],
+                              p_hashes bytea[], p_ttl_hours integer)
+RETURNS TABLE (ord integer, decision text, detail text, item prepare_item,
+               invitation_id uuid, attempts integer)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    locked prepare_item[];
+BEGIN
+    WITH i AS MATERIALIZED (
+            SELECT id, batch_id, task_id, status, attempts, candidate_id, email, name,
+                   invitation_id, email_error
+              FROM batch_items
+             WHERE id = ANY(p_items)
+             ORDER BY id
+               FOR NO KEY UPDATE),
+         b AS MATERIALIZED (
+            SELECT id, job_id, status, on_duplicate, duration_minutes FROM batches
+             WHERE id = ANY(ARRAY(SELECT batch_id FROM i))),
+         j AS MATERIALIZED (
+            SELECT id, title, status FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM b)))
+    SELECT coalesce(array_agg(ROW(i.id, i.batch_id, i.task_id, i.status, i.attempts,
+                                  i.candidate_id, i.email, i.name, i.invitation_id,
+                                  i.email_error, b.job_id, j.title, j.status, b.status,
+                                  b.on_duplicate, b.duration_minutes)::prepare_item),
+                    '{}')
+      INTO locked
+      FROM i
+      JOIN b ON b.id = i.batch_id
+      JOIN j ON j.id = b.job_id;
+
+    PERFORM pg_advisory_xact_lock(k)
+       FROM (SELECT DISTINCT hashtextextended(l.job_id || '/' || l.candidate_id, 7141) AS k
+               FROM unnest(locked) l
+              WHERE l.status = 'pending' AND l.invitation_id IS NULL
+                AND l.on_duplicate = 'skip' AND l.job_status <> 'closed'
+              ORDER BY k) AS keys;
+
+    RETURN QUERY
+    WITH req AS (
+            SELECT r.ord::integer AS ord, r.item_id, r.task AS req_task, r.mint_id, r.token_hash
+              FROM unnest(p_items, p_tasks, p_mints, p_hashes)
+                   WITH ORDINALITY AS r(item_id, task, mint_id, token_hash, ord)),
+         joined AS (
+            SELECT req.*, l AS item, l.id IS NOT NULL AND l.status = 'pending'
+                       AND l.task_id = req.req_task AS ours
+              FROM req
+              LEFT JOIN unnest(locked) l ON l.id = req.item_id),
+         claimed AS (
+            SELECT j.*, row_number() OVER (PARTITION BY j.item_id, j.ours ORDER BY j.ord) AS nth
+              FROM joined j),
+         judged AS (
+            SELECT c.*, CASE WHEN NOT c.ours THEN 'nothing'
+                             WHEN c.nth > 1 THEN 'duplicate'
+                             WHEN (c.item).job_status = 'closed' THEN 'job_closed'
+                             WHEN (c.item).email_error IS NOT NULL THEN 'invalid_email'
+                             ELSE 'go' END AS kind
+              FROM claimed c),
+         paired AS (
+            SELECT g.*, row_number() OVER (
+                       PARTITION BY g.kind = 'go' AND (g.item).invitation_id IS NULL,
+                                    (g.item).job_id, (g.item).candidate_id
+                       ORDER BY g.ord) AS pair_nth
+              FROM judged g),
+         d AS (
+            SELECT p.ord, p.item_id, p.mint_id, p.token_hash, p.item,
+                   CASE WHEN p.kind <> 'go' THEN p.kind
+                        WHEN (p.item).invitation_id IS NULL AND (p.item).on_duplicate = 'skip'
+                             AND p.pair_nth > 1 THEN 'already_invited'
+                        ELSE 'send' END AS decision,
+                   (p.item).invitation_id IS NULL AND (p.item).on_duplicate = 'skip'
+                       AS unless_invited
+              FROM paired p),
+         running AS (
+            UPDATE batches SET status = 'running'
+             WHERE id = ANY(ARRAY(
+                       SELECT b.id FROM batches b
+                        WHERE b.id = ANY(ARRAY(SELECT (d.item).batch_id FROM d
+                                                WHERE d.decision NOT IN ('nothing', 'duplicate')
+                                                  AND (d.item).batch_status = 'queued'))
+                          AND b.status = 'queued'
+                        ORDER BY b.id
+                          FOR NO KEY UPDATE))),
+         minted AS (
+            INSERT INTO invitations (id, item_id, token_hash, job_id, candidate_id, batch_id,
+                                     duration_minutes, expires_at)
+            SELECT d.mint_id, d.item_id, d.token_hash, (d.item).job_id, (d.item).candidate_id,
+                   (d.item).batch_id, (d.item).duration_minutes,
+                   now() + make_interval(hours => p_ttl_hours)
+              FROM d
+              LEFT JOIN LATERAL (
+                    SELECT 1 AS found FROM invitations v
+                     WHERE v.job_id = (d.item).job_id AND v.candidate_id = (d.item).candidate_id
+                       AND (v.status = 'IN_PROGRESS'
+                            OR (v.status = 'PENDING' AND v.expires_at > now()))
+                     LIMIT 1) live ON d.unless_invited
+             WHERE d.decision = 'send' AND (d.item).invitation_id IS NULL
+               AND live.found IS NULL
+            RETURNING id, item_id),
+         begun AS (
+            UPDATE batch_items i
+               SET invitation_id = coalesce(m.id, i.invitation_id),
+                   attempts = i.attempts + 1, next_attempt_at = NULL, sending_at = now(),
+                   updated_at = now()
+              FROM d
+              LEFT JOIN minted m ON m.item_id = d.item_id
+             WHERE i.id = ANY(ARRAY(SELECT s.item_id FROM d s WHERE s.decision = 'send'))
+               AND i.id = d.item_id AND d.decision = 'send'
+               AND ((d.item).invitation_id IS NOT NULL OR m.id IS NOT NULL)
+            RETURNING i.id, i.attempts, i.invitation_id)
+    SELECT d.ord,
+           CASE WHEN d.decision = 'send' AND b.id IS NULL THEN 'already_invited'
+                ELSE d.decision END,
+           CASE WHEN d.decision = 'invalid_email' THEN (d.item).email_error END,
+           CASE WHEN d.decision = 'nothing' THEN NULL ELSE d.item END,
+           b.invitation_id, b.attempts
+      FROM d
+      LEFT JOIN begun b ON b.id = d.item_id AND d.decision = 'send'
+     ORDER BY d.ord;
+END;
+$fn$;
