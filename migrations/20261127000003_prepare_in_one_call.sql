@@ -4,7 +4,12 @@
 
 -- Why an item's address cannot be sent to, decided in the application when the address
 -- is written (at enqueue; a retry's corrected address must be valid); null when it can.
+-- Items written before this column existed: a failed `invalid_email` item keeps its
+-- reason if it is retried without a corrected address (a pending one is checked again by
+-- the worker before it sends, see `queue::deliver`).
 ALTER TABLE batch_items ADD COLUMN email_error text;
+UPDATE batch_items SET email_error = coalesce(last_error, 'not a valid email address')
+ WHERE status = 'failed' AND reason = 'invalid_email';
 
 -- An item as phase 1 reads it, under its row lock.
 CREATE TYPE prepare_item AS (
@@ -59,6 +64,14 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
     locked prepare_item[];
 BEGIN
+    IF cardinality(p_tasks) IS DISTINCT FROM cardinality(p_items)
+       OR cardinality(p_mints) IS DISTINCT FROM cardinality(p_items)
+       OR cardinality(p_hashes) IS DISTINCT FROM cardinality(p_items) THEN
+        RAISE EXCEPTION 'prepare_items: % items, % tasks, % mints, % hashes',
+            cardinality(p_items), cardinality(p_tasks), cardinality(p_mints),
+            cardinality(p_hashes);
+    END IF;
+
     WITH i AS MATERIALIZED (
             SELECT id, batch_id, task_id, status, attempts, candidate_id, email, name,
                    invitation_id, email_error
@@ -102,7 +115,7 @@ BEGIN
             SELECT j.*, row_number() OVER (PARTITION BY j.item_id, j.ours ORDER BY j.ord) AS nth
               FROM joined j),
          judged AS (
-            SELECT c.*, CASE WHEN NOT c.ours THEN 'nothing'
+            SELECT c.*, CASE WHEN c.ours IS NOT TRUE THEN 'nothing'
                              WHEN c.nth > 1 THEN 'duplicate'
                              WHEN (c.item).job_status = 'closed' THEN 'job_closed'
                              WHEN (c.item).email_error IS NOT NULL THEN 'invalid_email'

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::{
     config::{RetrySettings, Settings},
     db::delivery::LockedItem,
-    domain::{states::ItemReason, token::LinkToken},
+    domain::{email::CandidateEmail, states::ItemReason, token::LinkToken},
     mail::{
         Mailer, SendError,
         render::{InviteEmail, message_id},
@@ -110,10 +110,19 @@ impl Deliverer {
                 item,
                 invitation_id,
                 attempt,
-            } => {
-                let sent = self.send(&item, invitation_id).await;
-                (item, attempt, Attempted::Sent(sent))
-            }
+            } => match CandidateEmail::parse(&item.email) {
+                Ok(_) => {
+                    let sent = self.send(&item, invitation_id).await;
+                    (item, attempt, Attempted::Sent(sent))
+                }
+                // Only for an item written before addresses were checked at write time
+                // (`batch_items.email_error`): an invalid address is never sent to.
+                Err(e) => {
+                    let detail = Some(e.to_string());
+                    let reason = ItemReason::InvalidEmail;
+                    (item, attempt, Attempted::NotSent { reason, detail })
+                }
+            },
         };
         let started = phase_done("send", started);
         let outcome = Outcome {

@@ -102,6 +102,9 @@ impl GroupWrite for Preparer {
                 }
             })
             .collect();
+        // The call commits by itself. A failure after it (a row that does not decode or
+        // map) makes the group writer write the group again, which counts the attempts
+        // again: only a mismatch between this code and the function can cause one.
         let rows = sql::prepare_items(conn, &requests, self.settings.invite.ttl_hours).await?;
         anyhow::ensure!(
             rows.len() == group.len()
@@ -109,7 +112,7 @@ impl GroupWrite for Preparer {
                     .iter()
                     .enumerate()
                     .all(|(n, row)| usize::try_from(row.ord).ok() == Some(n + 1)),
-            "prepare_items answered {} rows for {} requests",
+            "prepare_items answered {} rows for {} requests, or out of order",
             rows.len(),
             group.len()
         );

@@ -239,6 +239,44 @@ async fn three_worker_processes_on_one_database_send_each_invite_exactly_once() 
 }
 
 #[tokio::test]
+async fn an_invalid_address_written_before_addresses_were_checked_at_write_time_is_never_sent_to() {
+    let mut app = prepare_app_with(|_| {}).await;
+    let mut api = Service::new("api", &app.settings).start("api");
+    api.wait_ready(READY).await;
+    app.base = api.base();
+    app.open_job("job-1").await;
+    let mut people = candidates("old", 3);
+    people[1]["email"] = json!("old.1@localhost");
+    let id = app.create_batch("job-1", people).await;
+    // As an item written by an earlier version: no stored address problem.
+    let cleared = sqlx::query("UPDATE batch_items SET email_error = NULL")
+        .execute(&app.pool)
+        .await
+        .expect("clear email_error")
+        .rows_affected();
+    assert_eq!(cleared, 3);
+
+    let mut work = Service::new("work", &app.settings).start("work");
+    work.wait_ready(READY).await;
+    let batch = app
+        .wait_for_status(&id, "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(batch["summary"], "2 sent, 1 failed", "{batch}");
+    let failed = app.items(&id, Some("failed")).await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["candidate_id"], "old-1");
+    assert_eq!(failed[0]["reason"], "invalid_email", "{}", failed[0]);
+    let to: BTreeSet<String> = received_per_address(&app.smtp).into_keys().collect();
+    assert_eq!(
+        to,
+        BTreeSet::from([
+            "old.0@example.com".to_owned(),
+            "old.2@example.com".to_owned()
+        ])
+    );
+}
+
+#[tokio::test]
 async fn a_batch_survives_its_database_connections_being_cut_mid_way() {
     let mut app = prepare_app_with(|s| {
         s.mail.rate_per_second = 25;
