@@ -62,13 +62,16 @@ pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken)
     }
 }
 
-/// Gives every stranded pending item a fresh task; returns how many.
+/// Gives every stranded pending item a fresh task; returns how many. (Pending items are
+/// found through the live batches: a batch is live exactly while it has some.)
 pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let stranded: Vec<Uuid> = sqlx::query_scalar(
         "SELECT i.id FROM batch_items i
          LEFT JOIN apalis.jobs j ON j.id = i.task_id
-         WHERE i.status = 'pending'
+         WHERE i.batch_id = ANY(ARRAY(SELECT id FROM batches
+                                       WHERE status IN ('queued', 'running')))
+           AND i.status = 'pending'
            AND (j.id IS NULL
                 OR j.status IN ('Done', 'Killed')
                 OR (j.status = 'Failed' AND j.attempts >= j.max_attempts))
@@ -119,7 +122,9 @@ pub async fn release_stuck(pool: &PgPool, older_than: Duration) -> anyhow::Resul
             SET status = 'Pending', lock_by = NULL, lock_at = NULL, attempts = j.attempts + 1,
                 last_result = '{\"Err\": \"released: taken long ago and never finished\"}'
            FROM batch_items i
-          WHERE i.status = 'pending' AND j.id = i.task_id
+          WHERE i.batch_id = ANY(ARRAY(SELECT id FROM batches
+                                        WHERE status IN ('queued', 'running')))
+            AND i.status = 'pending' AND j.id = i.task_id
             AND j.status IN ('Queued', 'Running')
             AND j.lock_at < now() - make_interval(secs => $1)",
     )
