@@ -71,9 +71,6 @@ pub struct PrepareRow {
     pub attempts: Option<i32>,
 }
 
-/// The statement of [`prepare_items`].
-pub const PREPARE_ITEMS: &str = "SELECT * FROM prepare_items($1, $2, $3, $4, $5)";
-
 /// Phase 1 for a group in one call, one round trip and one commit: the database
 /// function `prepare_items` (in the migrations) locks the items, takes the pair locks,
 /// decides, mints and counts. Run it outside a transaction: the commit is its own.
@@ -83,7 +80,7 @@ pub async fn prepare_items(
     requests: &[PrepareRequest<'_>],
     ttl_hours: u32,
 ) -> sqlx::Result<Vec<PrepareRow>> {
-    sqlx::query_as(PREPARE_ITEMS)
+    sqlx::query_as("SELECT * FROM prepare_items($1, $2, $3, $4, $5)")
         .bind(requests.iter().map(|r| r.item).collect::<Vec<_>>())
         .bind(requests.iter().map(|r| r.task_id).collect::<Vec<_>>())
         .bind(requests.iter().map(|r| r.mint_id).collect::<Vec<_>>())

@@ -62,16 +62,20 @@ pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken)
     }
 }
 
-/// Gives every stranded pending item a fresh task; returns how many. (Pending items are
-/// found through the live batches: a batch is live exactly while it has some.)
+/// The condition that an item `i` is pending, written to find pending items through the
+/// live batches (a batch is live exactly while it has some: the `batch_live_iff_pending`
+/// check); no index of items reads their status.
+const PENDING_ITEM: &str = "i.batch_id = ANY(ARRAY(SELECT id FROM batches
+                                     WHERE status IN ('queued', 'running')))
+         AND i.status = 'pending'";
+
+/// Gives every stranded pending item a fresh task; returns how many.
 pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let stranded: Vec<Uuid> = sqlx::query_scalar(
+    let stranded: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT i.id FROM batch_items i
          LEFT JOIN apalis.jobs j ON j.id = i.task_id
-         WHERE i.batch_id = ANY(ARRAY(SELECT id FROM batches
-                                       WHERE status IN ('queued', 'running')))
-           AND i.status = 'pending'
+         WHERE {PENDING_ITEM}
            AND (j.id IS NULL
                 OR j.status IN ('Done', 'Killed')
                 OR (j.status = 'Failed' AND j.attempts >= j.max_attempts))
@@ -79,8 +83,8 @@ pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
            AND (i.sending_at IS NULL OR i.sending_at < now() - make_interval(secs => $1))
          ORDER BY i.id
          LIMIT 1000
-         FOR UPDATE OF i SKIP LOCKED",
-    )
+         FOR UPDATE OF i SKIP LOCKED"
+    )))
     .bind(STUCK_AFTER.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
@@ -117,17 +121,15 @@ pub const STUCK_AFTER: Duration = Duration::from_secs(300);
 /// finished runnable again; returns how many. (Found through the pending items, so
 /// the cost does not grow with the finished tasks kept.)
 pub async fn release_stuck(pool: &PgPool, older_than: Duration) -> anyhow::Result<u64> {
-    let released = sqlx::query(
+    let released = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE apalis.jobs j
             SET status = 'Pending', lock_by = NULL, lock_at = NULL, attempts = j.attempts + 1,
-                last_result = '{\"Err\": \"released: taken long ago and never finished\"}'
+                last_result = '{{\"Err\": \"released: taken long ago and never finished\"}}'
            FROM batch_items i
-          WHERE i.batch_id = ANY(ARRAY(SELECT id FROM batches
-                                        WHERE status IN ('queued', 'running')))
-            AND i.status = 'pending' AND j.id = i.task_id
+          WHERE {PENDING_ITEM} AND j.id = i.task_id
             AND j.status IN ('Queued', 'Running')
-            AND j.lock_at < now() - make_interval(secs => $1)",
-    )
+            AND j.lock_at < now() - make_interval(secs => $1)"
+    )))
     .bind(older_than.as_secs_f64())
     .execute(pool)
     .await?;
