@@ -74,10 +74,8 @@ async fn send_invite(
         }
     };
     match deliverer.deliver(payload.item_id, &task).await {
-        Ok(outcome) => {
-            tracing::debug!(%task, item = %payload.item_id, ?outcome, "task done");
-            Ok(())
-        }
+        // Its outcome is being recorded: the recorder finishes the task.
+        Ok(()) => Ok(()),
         Err(e) => {
             // A database fault: the task runs again shortly (up to its max_attempts).
             tracing::error!(%task, item = %payload.item_id, error = %format!("{e:#}"), "task failed");
@@ -120,9 +118,27 @@ fn hostname() -> String {
 }
 
 /// Runs the queue workers until `shutdown` is cancelled; then lets in-flight tasks
-/// finish for up to `worker.shutdown_timeout_secs`. Tasks still running after that
-/// are recovered by another worker once this one's heartbeat lapses.
+/// finish for up to `worker.shutdown_timeout_secs`, and their outcomes be written for
+/// up to as long again. Tasks still running after that are recovered by another
+/// worker once this one's heartbeat lapses.
 pub async fn run(
+    deliverer: Arc<Deliverer>,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let result = supervise(deliverer.clone(), settings, shutdown).await;
+    let timeout = Duration::from_secs(settings.worker.shutdown_timeout_secs);
+    if !deliverer.settle(timeout).await {
+        tracing::warn!(
+            timeout_secs = timeout.as_secs(),
+            "shutdown timeout: some outcomes are not written; their tasks will run again"
+        );
+    }
+    result
+}
+
+/// Runs one apalis worker after another (see the module notes) until `shutdown`.
+async fn supervise(
     deliverer: Arc<Deliverer>,
     settings: &Settings,
     shutdown: CancellationToken,

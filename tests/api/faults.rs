@@ -123,6 +123,33 @@ async fn finish_with_a_second_process(
     (second, check_everyone_received(app, people))
 }
 
+/// One `serve` process part-way through a batch of 100 (sending at 25/s, so it takes
+/// a few seconds): returns once `accepted` messages are accepted, with the batch id and
+/// its candidates. A dead worker's tasks run again after 5 s.
+async fn mid_batch(
+    prefix: &str,
+    accepted: usize,
+    shutdown_timeout_secs: u64,
+) -> (TestApp, Service, ServiceProcess, String, Vec<Value>) {
+    let mut app = prepare_app_with(|s| {
+        s.mail.rate_per_second = 25;
+        s.worker.recover_after_secs = 5;
+        s.worker.shutdown_timeout_secs = shutdown_timeout_secs;
+    })
+    .await;
+    let serve = Service::new("serve", &app.settings);
+    let mut first = serve.start("serve #1");
+    first.wait_ready(READY).await;
+    app.base = first.base();
+    app.open_job("job-1").await;
+    let people = candidates(prefix, 100);
+    let id = app.create_batch("job-1", people.clone()).await;
+    app.smtp
+        .wait_for_messages(accepted, Duration::from_secs(60))
+        .await;
+    (app, serve, first, id, people)
+}
+
 /// A crash repeats at most the sends that were in flight.
 fn assert_repeats_within_sends_in_flight(app: &TestApp, repeated: usize) {
     let concurrency = app.settings.worker.concurrency;
@@ -134,23 +161,7 @@ fn assert_repeats_within_sends_in_flight(app: &TestApp, repeated: usize) {
 
 #[tokio::test]
 async fn a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_the_sends_in_flight() {
-    let mut app = prepare_app_with(|s| {
-        // 100 messages at 25/s take a few seconds: time to kill the process mid-way.
-        s.mail.rate_per_second = 25;
-        s.worker.recover_after_secs = 5;
-    })
-    .await;
-    let serve = Service::new("serve", &app.settings);
-    let mut first = serve.start("serve #1");
-    first.wait_ready(READY).await;
-    app.base = first.base();
-    app.open_job("job-1").await;
-    let people = candidates("kill", 100);
-    let id = app.create_batch("job-1", people.clone()).await;
-
-    app.smtp
-        .wait_for_messages(30, Duration::from_secs(60))
-        .await;
+    let (mut app, serve, mut first, id, people) = mid_batch("kill", 30, 15).await;
     first.kill();
     let at_kill = app.smtp.accepted_count();
     assert!(
@@ -506,23 +517,7 @@ async fn a_send_stalled_after_data_is_retried_and_later_sends_get_their_own_repl
 
 #[tokio::test]
 async fn sigterm_mid_batch_exits_cleanly_and_a_restart_finishes_the_batch() {
-    let mut app = prepare_app_with(|s| {
-        s.mail.rate_per_second = 25;
-        s.worker.recover_after_secs = 5;
-        s.worker.shutdown_timeout_secs = 10;
-    })
-    .await;
-    let serve = Service::new("serve", &app.settings);
-    let mut first = serve.start("serve #1");
-    first.wait_ready(READY).await;
-    app.base = first.base();
-    app.open_job("job-1").await;
-    let people = candidates("term", 100);
-    let id = app.create_batch("job-1", people.clone()).await;
-
-    app.smtp
-        .wait_for_messages(50, Duration::from_secs(60))
-        .await;
+    let (mut app, serve, mut first, id, people) = mid_batch("term", 50, 10).await;
     first.terminate();
     // A bound: the shutdown timeout (10 s) plus a generous margin.
     let status = first.wait_exit(Duration::from_secs(60)).await;
@@ -541,7 +536,46 @@ async fn sigterm_mid_batch_exits_cleanly_and_a_restart_finishes_the_batch() {
         "SIGTERM after 50 accepted, {at_stop} accepted when the process exited; \
          {repeated} candidates received a message twice"
     );
-    assert_repeats_within_sends_in_flight(&app, repeated);
+    // A clean stop finishes its sends and writes every outcome (also those recorded
+    // behind their tasks) before it exits: nothing it sent goes out again.
+    assert_eq!(
+        repeated, 0,
+        "a clean stop repeats no message: every outcome is written before the exit"
+    );
+}
+
+/// A task returns once its outcome is handed to the recorder (`queue::deliver`); a
+/// clean stop must still wait until those outcomes are written. Here they cannot be
+/// written while the test holds the batch row, so the stopping process must wait.
+#[tokio::test]
+async fn sigterm_waits_until_the_outcomes_of_its_last_sends_are_written() {
+    let (mut app, serve, mut first, id, people) = mid_batch("settle", 30, 20).await;
+    let mut hold = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM batches WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *hold)
+        .await
+        .expect("lock the batch row");
+    first.terminate();
+    // The sends in flight finish within a second at 25/s; their outcomes cannot commit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        first.try_exit().is_none(),
+        "the process waits for the outcomes it has not written yet:\n{}",
+        first.stderr()
+    );
+    hold.rollback().await.expect("release the batch row");
+    let status = first.wait_exit(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "SIGTERM ends the process with 0: {status}"
+    );
+
+    let (_second, repeated) = finish_with_a_second_process(&mut app, &serve, &id, &people).await;
+    assert_eq!(
+        repeated, 0,
+        "every outcome was written before the exit, so no message goes out again"
+    );
 }
 
 #[tokio::test]
