@@ -1,9 +1,11 @@
-//! Batches and their items: creation (one transaction with the queue tasks), reads.
+//! Batches and their items: creation (one statement with the queue tasks), reads.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgExecutor, types::Json};
 use uuid::Uuid;
+
+use crate::queue;
 
 /// Something a person should read about one candidate of a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -61,25 +63,46 @@ pub struct NewBatch {
     pub request_hash: Option<Vec<u8>>,
 }
 
-/// Writes the batch and its items (one statement). The caller pushes the queue tasks in
-/// the same transaction and commits.
-pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<BatchRow> {
+/// Writes the batch, its items and one queue task per item: one statement, so all of
+/// it or nothing, and (run outside a transaction) one round trip with its commit.
+/// `None` when the job is not open (closed since the caller checked it): nothing is
+/// written. The job row is locked `FOR SHARE` meanwhile, so a concurrent close waits
+/// for the batch or the batch sees the close.
+///
+/// The tasks are written as apalis-postgres' own push writes them
+/// (`queries/task/sink.sql`; `queue::push` uses it for retries); a test compares the two.
+pub async fn insert(conn: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Option<BatchRow>> {
     let total = i32::try_from(batch.items.len()).unwrap_or(i32::MAX);
     let items = &batch.items;
+    let payloads = items
+        .iter()
+        .map(|i| queue::payload(i.id))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let max_attempts = i32::try_from(queue::TASK_MAX_ATTEMPTS).unwrap_or(i32::MAX);
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "WITH batch AS (
+        "WITH job AS (
+            SELECT id FROM jobs WHERE id = $2 AND status <> 'closed' FOR SHARE),
+         batch AS (
             INSERT INTO batches (id, job_id, duration_minutes, on_duplicate, total, pending,
                                  warnings, idempotency_key, request_hash)
-            VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
+            SELECT $1, job.id, $3, $4, $5, $5, $6, $7, $8 FROM job
             RETURNING {BATCH_COLUMNS}),
          items AS (
             INSERT INTO batch_items (id, batch_id, position, candidate_id, email, name, task_id,
                                      email_error)
-            SELECT id, $1, position, candidate_id, email, name, task_id, email_error
-              FROM unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[],
+            SELECT t.id, batch.id, t.position, t.candidate_id, t.email, t.name, t.task_id,
+                   t.email_error
+              FROM batch,
+                   unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[],
                           $14::text[])
                    WITH ORDINALITY AS t(id, candidate_id, email, name, task_id, email_error,
-                                        position))
+                                        position)),
+         tasks AS (
+            INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at,
+                                     priority, metadata)
+            SELECT t.task_id, $15, t.payload, 'Pending', 0, $16, now(), 0, ''::hstore
+              FROM batch, unnest($13::text[], $17::bytea[]) AS t(task_id, payload))
          SELECT * FROM batch"
     )))
     .bind(batch.id)
@@ -106,7 +129,10 @@ pub async fn insert(tx: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Bat
             .map(|i| i.email_error.as_deref())
             .collect::<Vec<_>>(),
     )
-    .fetch_one(&mut *tx)
+    .bind(queue::QUEUE)
+    .bind(max_attempts)
+    .bind(payloads)
+    .fetch_optional(&mut *conn)
     .await
 }
 
@@ -119,9 +145,9 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Batch
     .await
 }
 
-/// The job's status (locked `FOR SHARE` until the transaction ends) and the
-/// candidates among `candidate_ids` who hold a live invitation (PENDING and not
-/// expired, or IN_PROGRESS) for it; `None` when there is no such job.
+/// The job's status and the candidates among `candidate_ids` who hold a live
+/// invitation (PENDING and not expired, or IN_PROGRESS) for it; `None` when there is
+/// no such job. A read: [`insert`] checks the job again as it writes.
 pub async fn job_and_invited(
     conn: &mut PgConnection,
     job_id: &str,
@@ -134,8 +160,7 @@ pub async fn job_and_invited(
                          AND (v.status = 'IN_PROGRESS'
                               OR (v.status = 'PENDING' AND v.expires_at > now())))
            FROM jobs j
-          WHERE j.id = $1
-            FOR SHARE OF j",
+          WHERE j.id = $1",
     )
     .bind(job_id)
     .bind(candidate_ids)

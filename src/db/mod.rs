@@ -66,6 +66,9 @@ pub async fn migrations_applied(pool: &PgPool) -> bool {
     }
 }
 
+/// A pooled connection idle this long is pinged before it is handed out.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     // Plan every statement for its actual parameters. A generic plan cached while a
     // table was small (a fresh database, right after a deploy) keeps scanning the whole
@@ -77,6 +80,19 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        // sqlx pings every connection it hands out: a round trip before each request's
+        // first statement (measured: one of six in `POST /v1/batches`). Only one that
+        // has been idle a while is pinged now; one that broke since its last use fails
+        // that use, and the pool drops it.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await?;
     Ok(pool)

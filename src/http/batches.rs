@@ -312,7 +312,7 @@ fn replay(existing: BatchRow, hash: &[u8]) -> ApiResult<Response> {
 }
 
 /// `POST /v1/batches`: the batch, its items and one queue task per item, in one
-/// transaction; a request that fails any check writes nothing. With an
+/// statement (`db::batches::insert`); a request that fails any check writes nothing. With an
 /// `Idempotency-Key`, a repeat (also a concurrent one) gets the same batch back.
 #[utoipa::path(post, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII; a repeat with the same body returns the same batch")),
@@ -336,8 +336,8 @@ pub async fn create(
     }
 
     let checked = check(&req, &state.settings)?;
-    let mut tx = state.pool.begin().await?;
-    let invited = check_job(&mut tx, &checked).await?;
+    let mut conn = state.pool.acquire().await?;
+    let invited = check_job(&mut conn, &checked).await?;
     let warnings = warnings(&checked, &invited);
 
     let items: Vec<NewItem> = checked
@@ -362,15 +362,16 @@ pub async fn create(
         idempotency_key: key.clone(),
         request_hash: hash.clone(),
     };
-    let row = match db::batches::insert(&mut tx, &batch).await {
-        Ok(row) => row,
+    let row = match db::batches::insert(&mut conn, &batch).await {
+        Ok(Some(row)) => row,
+        // Closed between the check and the write (jobs are never deleted).
+        Ok(None) => return Err(ApiError::JobClosed(checked.job_id.to_string())),
         Err(e) if db::batches::is_idempotency_conflict(&e) => {
             // A concurrent request with the same key committed first: answer as it did.
-            drop(tx);
             let (Some(key), Some(hash)) = (&key, &hash) else {
                 return Err(e.into());
             };
-            let existing = db::batches::find_by_idempotency_key(&state.pool, key)
+            let existing = db::batches::find_by_idempotency_key(&mut *conn, key)
                 .await?
                 .ok_or_else(|| {
                     ApiError::Internal(anyhow::anyhow!("idempotency conflict without a batch"))
@@ -379,17 +380,6 @@ pub async fn create(
         }
         Err(e) => return Err(e.into()),
     };
-    let tasks: Vec<NewTask<'_>> = batch
-        .items
-        .iter()
-        .map(|i| NewTask {
-            task_id: &i.task_id,
-            item_id: i.id,
-            run_after: None,
-        })
-        .collect();
-    queue::push(&mut tx, &tasks).await?;
-    tx.commit().await?;
     metrics::counter!("batches_created_total").increment(1);
     tracing::info!(batch = %row.id, job = %row.job_id, total = row.total, "batch enqueued");
     Ok(accepted(row.into()))
@@ -417,10 +407,9 @@ pub async fn preview(
     JsonBody(req): JsonBody<BatchRequest>,
 ) -> ApiResult<Json<Preview>> {
     let checked = check(&req, &state.settings)?;
-    let mut tx = state.pool.begin().await?;
-    let invited = check_job(&mut tx, &checked).await?;
+    let mut conn = state.pool.acquire().await?;
+    let invited = check_job(&mut conn, &checked).await?;
     let warnings = warnings(&checked, &invited);
-    tx.rollback().await?;
     let total = checked.candidates.len();
     let to_fail = checked
         .candidates

@@ -27,7 +27,7 @@ pub const QUEUE: &str = "invite-worker::send-invite";
 
 /// How many times apalis itself re-runs a task whose handler returned an error (a
 /// database fault, not a mail failure: those are scheduled by us).
-const TASK_MAX_ATTEMPTS: usize = 10;
+pub const TASK_MAX_ATTEMPTS: usize = 10;
 
 /// The payload of a send-invite task: ids only; the handler reloads everything else.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -40,6 +40,11 @@ pub fn new_task_id() -> String {
     ulid::Ulid::generate().to_string()
 }
 
+/// A send-invite task's stored payload.
+pub fn payload(item_id: Uuid) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&SendInvite { item_id })
+}
+
 /// A task to push: which item, under which task id, and how long from now.
 pub struct NewTask<'a> {
     pub task_id: &'a str,
@@ -48,11 +53,13 @@ pub struct NewTask<'a> {
 }
 
 /// Pushes send-invite tasks on `conn` (normally an open transaction, so the tasks
-/// exist exactly when the rows that need them do). One INSERT for all of them.
+/// exist exactly when the rows that need them do), with apalis-postgres' own push: one
+/// INSERT for all of them. (A new batch's tasks are written by the statement that
+/// writes its items, `db::batches::insert`, in the same shape.)
 pub async fn push(conn: &mut PgConnection, tasks: &[NewTask<'_>]) -> anyhow::Result<()> {
     let mut built: Vec<PgTask> = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let payload = serde_json::to_vec(&SendInvite { item_id: t.item_id })?;
+        let payload = payload(t.item_id)?;
         let id = ulid::Ulid::from_string(t.task_id)?;
         let mut builder = TaskBuilder::new(payload)
             .task_id(TaskId::from_ulid(id))

@@ -1,10 +1,15 @@
 //! The main path: a batch becomes one email per candidate and an exact tally.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
+use invite_worker::queue::{self, NewTask};
 use serde_json::json;
+use uuid::Uuid;
 
-use crate::helpers::{candidates, link_in, spawn_app};
+use crate::{
+    helpers::{candidates, link_in, prepare_app_with, spawn_app},
+    process::Service,
+};
 
 #[tokio::test]
 async fn a_batch_of_100_with_6_invalid_addresses_ends_94_sent_6_failed() {
@@ -77,4 +82,74 @@ async fn a_batch_of_100_with_6_invalid_addresses_ends_94_sent_6_failed() {
         .expect("hashes");
     assert_eq!(hashes.len(), 94);
     assert!(hashes.iter().all(|h| h.len() == 32));
+}
+
+/// The enqueue writes its queue tasks itself, in the statement that writes the items
+/// (`db::batches::insert`); they must be the rows apalis-postgres' own push writes
+/// (`queue::push`, used for retries), or workers would treat them differently.
+#[tokio::test]
+async fn an_enqueued_task_is_the_row_that_apalis_push_writes() {
+    type Shape = (
+        String,
+        String,
+        i32,
+        i32,
+        Option<i32>,
+        Option<String>,
+        Option<String>,
+        bool,
+    );
+    const SHAPE: &str = "SELECT job_type, status, attempts, max_attempts, priority,
+                                metadata::text, idempotency_key,
+                                last_result IS NULL AND lock_at IS NULL AND lock_by IS NULL
+                                    AND done_at IS NULL AND run_at <= now()
+                           FROM apalis.jobs WHERE id = $1";
+    let mut app = prepare_app_with(|_| {}).await;
+    // The API alone: no worker takes the tasks before they are read.
+    let mut api = Service::new("api", &app.settings).start("api");
+    api.wait_ready(Duration::from_secs(30)).await;
+    app.base = api.base();
+    app.open_job("job-1").await;
+    let id = app.create_batch("job-1", candidates("shape", 3)).await;
+    let items: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, task_id FROM batch_items WHERE batch_id = $1::uuid ORDER BY position",
+    )
+    .bind(&id)
+    .fetch_all(&app.pool)
+    .await
+    .expect("items");
+    assert_eq!(items.len(), 3);
+
+    let mut tx = app.pool.begin().await.expect("begin");
+    let pushed_id = queue::new_task_id();
+    let pushed = NewTask {
+        task_id: &pushed_id,
+        item_id: items[0].0,
+        run_after: None,
+    };
+    queue::push(&mut tx, &[pushed]).await.expect("apalis push");
+    let by_apalis: Shape = sqlx::query_as(SHAPE)
+        .bind(&pushed_id)
+        .fetch_one(&mut *tx)
+        .await
+        .expect("the pushed row");
+    for (item, task) in &items {
+        let enqueued: Shape = sqlx::query_as(SHAPE)
+            .bind(task)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("the enqueued row");
+        assert_eq!(enqueued, by_apalis, "task {task}");
+        let payload: Vec<u8> = sqlx::query_scalar("SELECT job FROM apalis.jobs WHERE id = $1")
+            .bind(task)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("payload");
+        assert_eq!(
+            payload,
+            queue::payload(*item).expect("encodes"),
+            "task {task}"
+        );
+    }
+    tx.rollback().await.expect("rollback");
 }

@@ -357,3 +357,55 @@ fn parse_time(v: &Value) -> chrono::DateTime<chrono::Utc> {
         .map(|t| t.with_timezone(&chrono::Utc))
         .unwrap_or_else(|| panic!("an RFC 3339 time: {v}"))
 }
+
+/// The job is read, then checked again as the batch is written (`db::batches::insert`,
+/// one statement): a close that lands in between answers 409 and writes nothing. The
+/// test holds the job row while the request runs, closes the job and lets go.
+#[tokio::test]
+async fn a_job_closed_between_the_check_and_the_write_gets_409_and_leaves_no_trace() {
+    let app = spawn_app().await;
+    app.open_job(OPEN_JOB).await;
+    let before = app.row_counts().await;
+
+    let mut hold = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(OPEN_JOB)
+        .execute(&mut *hold)
+        .await
+        .expect("hold the job row");
+    let body = valid_body(3);
+    let request = app.post_batch(&body);
+    let close = async {
+        // The request reads the job (a plain read is not blocked), then waits for the
+        // row as it writes; wait until it does before closing the job.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query LIKE 'WITH job AS%'",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .expect("pg_stat_activity");
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the request never waited for the job row"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        sqlx::query("UPDATE jobs SET status = 'closed' WHERE id = $1")
+            .bind(OPEN_JOB)
+            .execute(&mut *hold)
+            .await
+            .expect("close the job");
+        hold.commit().await.expect("commit the close");
+    };
+    let (response, ()) = tokio::join!(request, close);
+    expect_problem(response, StatusCode::CONFLICT, "job_closed").await;
+    let after = app.row_counts().await;
+    assert_eq!(after, before, "nothing was written");
+}
