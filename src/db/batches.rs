@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgExecutor, types::Json};
+use sqlx::{FromRow, PgConnection, PgExecutor, Row, types::Json};
 use uuid::Uuid;
 
 use crate::queue;
@@ -51,6 +51,28 @@ pub struct NewItem {
     pub email_error: Option<String>,
 }
 
+/// A warning for a new batch: always, or (`if_invited`) only if its candidate holds a
+/// live invitation for the job when the batch is written.
+#[derive(Debug, Clone)]
+pub struct NewWarning {
+    pub warning: Warning,
+    pub if_invited: bool,
+}
+
+/// What [`insert`] did.
+#[derive(Debug)]
+pub enum Inserted {
+    Batch(BatchRow),
+    JobNotFound,
+    /// Nothing written.
+    JobClosed,
+}
+
+/// An invitation `v` that is live: it blocks another for its (job, candidate).
+/// (`prepare_items`, a database function, has the same condition.)
+const LIVE_INVITATION: &str =
+    "(v.status = 'IN_PROGRESS' OR (v.status = 'PENDING' AND v.expires_at > now()))";
+
 #[derive(Debug, Clone)]
 pub struct NewBatch {
     pub id: Uuid,
@@ -58,35 +80,49 @@ pub struct NewBatch {
     pub duration_minutes: i32,
     pub on_duplicate: String,
     pub items: Vec<NewItem>,
-    pub warnings: Vec<Warning>,
+    pub warnings: Vec<NewWarning>,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<Vec<u8>>,
 }
 
-/// Writes the batch, its items and one queue task per item: one statement, so all of
-/// it or nothing, and (run outside a transaction) one round trip with its commit.
-/// `None` when the job is not open (closed since the caller checked it): nothing is
-/// written. The job row is locked `FOR SHARE` meanwhile, so a concurrent close waits
-/// for the batch or the batch sees the close.
+/// Writes the batch, its items and one queue task per item if the job is open: one
+/// statement, so all of it or nothing, and (run outside a transaction) one round trip
+/// with its commit. The job row is locked `FOR SHARE` meanwhile, so a concurrent close
+/// waits for the batch or the batch sees the close. The batch keeps the warnings that
+/// apply: each unconditional one, and each `if_invited` one whose candidate holds a
+/// live invitation for the job.
 ///
 /// The tasks are written as apalis-postgres' own push writes them
 /// (`queries/task/sink.sql`; `queue::push` uses it for retries); a test compares the two.
-pub async fn insert(conn: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Option<BatchRow>> {
+pub async fn insert(conn: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<Inserted> {
     let total = i32::try_from(batch.items.len()).unwrap_or(i32::MAX);
-    let items = &batch.items;
+    let (items, warnings) = (&batch.items, &batch.warnings);
     let payloads = items
         .iter()
         .map(|i| queue::payload(i.id))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let max_attempts = i32::try_from(queue::TASK_MAX_ATTEMPTS).unwrap_or(i32::MAX);
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "WITH job AS (
-            SELECT id FROM jobs WHERE id = $2 AND status <> 'closed' FOR SHARE),
+            SELECT id, status FROM jobs WHERE id = $2 FOR SHARE),
+         warned AS (
+            SELECT coalesce(jsonb_agg(jsonb_build_object('candidate_id', w.candidate_id,
+                                                         'code', w.code,
+                                                         'message', w.message)
+                                      ORDER BY w.n), '[]') AS warnings
+              FROM unnest($6::text[], $18::text[], $19::text[], $20::bool[])
+                   WITH ORDINALITY AS w(candidate_id, code, message, if_invited, n)
+             WHERE NOT w.if_invited
+                OR EXISTS (SELECT 1 FROM invitations v
+                            WHERE v.job_id = $2 AND v.candidate_id = w.candidate_id
+                              AND {LIVE_INVITATION})),
          batch AS (
             INSERT INTO batches (id, job_id, duration_minutes, on_duplicate, total, pending,
                                  warnings, idempotency_key, request_hash)
-            SELECT $1, job.id, $3, $4, $5, $5, $6, $7, $8 FROM job
+            SELECT $1, job.id, $3, $4, $5, $5, warned.warnings, $7, $8
+              FROM job, warned
+             WHERE job.status <> 'closed'
             RETURNING {BATCH_COLUMNS}),
          items AS (
             INSERT INTO batch_items (id, batch_id, position, candidate_id, email, name, task_id,
@@ -103,14 +139,19 @@ pub async fn insert(conn: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<O
                                      priority, metadata)
             SELECT t.task_id, $15, t.payload, 'Pending', 0, $16, now(), 0, ''::hstore
               FROM batch, unnest($13::text[], $17::bytea[]) AS t(task_id, payload))
-         SELECT * FROM batch"
+         SELECT job.status AS job_status, batch.* FROM job LEFT JOIN batch ON true"
     )))
     .bind(batch.id)
     .bind(&batch.job_id)
     .bind(batch.duration_minutes)
     .bind(&batch.on_duplicate)
     .bind(total)
-    .bind(Json(&batch.warnings))
+    .bind(
+        warnings
+            .iter()
+            .map(|w| w.warning.candidate_id.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(&batch.idempotency_key)
     .bind(&batch.request_hash)
     .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
@@ -132,8 +173,28 @@ pub async fn insert(conn: &mut PgConnection, batch: &NewBatch) -> sqlx::Result<O
     .bind(queue::QUEUE)
     .bind(max_attempts)
     .bind(payloads)
+    .bind(
+        warnings
+            .iter()
+            .map(|w| w.warning.code.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        warnings
+            .iter()
+            .map(|w| w.warning.message.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(warnings.iter().map(|w| w.if_invited).collect::<Vec<_>>())
     .fetch_optional(&mut *conn)
-    .await
+    .await?;
+    let Some(row) = row else {
+        return Ok(Inserted::JobNotFound);
+    };
+    if row.try_get::<Option<Uuid>, _>("id")?.is_none() {
+        return Ok(Inserted::JobClosed);
+    }
+    Ok(Inserted::Batch(BatchRow::from_row(&row)?))
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<BatchRow>> {
@@ -153,15 +214,14 @@ pub async fn job_and_invited(
     job_id: &str,
     candidate_ids: &[&str],
 ) -> sqlx::Result<Option<(String, Vec<String>)>> {
-    sqlx::query_as(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT j.status,
                 ARRAY(SELECT DISTINCT v.candidate_id::text FROM invitations v
                        WHERE v.job_id = $1 AND v.candidate_id = ANY($2::text[])
-                         AND (v.status = 'IN_PROGRESS'
-                              OR (v.status = 'PENDING' AND v.expires_at > now())))
+                         AND {LIVE_INVITATION})
            FROM jobs j
-          WHERE j.id = $1",
-    )
+          WHERE j.id = $1"
+    )))
     .bind(job_id)
     .bind(candidate_ids)
     .fetch_optional(&mut *conn)

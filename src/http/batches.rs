@@ -17,7 +17,9 @@ use crate::{
     config::Settings,
     db::{
         self,
-        batches::{BatchRow, Cancel, ItemView, NewBatch, NewItem, Retry, Warning},
+        batches::{
+            BatchRow, Cancel, Inserted, ItemView, NewBatch, NewItem, NewWarning, Retry, Warning,
+        },
     },
     domain::{
         email::CandidateEmail,
@@ -236,30 +238,47 @@ pub async fn check_job(
 /// who already hold a live invitation for the job (`invited`), and addresses that
 /// will fail.
 pub fn warnings(batch: &CheckedBatch, invited: &HashSet<String>) -> Vec<Warning> {
+    possible_warnings(batch)
+        .into_iter()
+        .filter(|w| !w.if_invited || invited.contains(&w.warning.candidate_id))
+        .map(|w| w.warning)
+        .collect()
+}
+
+/// Every warning the batch may get, in candidate order: an address that will fail
+/// always; otherwise `already_invited`, which applies if the candidate holds a live
+/// invitation for the job (decided by [`warnings`], or by the statement that writes
+/// the batch).
+fn possible_warnings(batch: &CheckedBatch) -> Vec<NewWarning> {
     let then = match batch.on_duplicate {
         OnDuplicate::Skip => "it will be skipped (on_duplicate: skip)",
         OnDuplicate::Send => "it will be sent anyway (on_duplicate: send)",
     };
-    let mut warnings = Vec::new();
-    for c in &batch.candidates {
-        if let Some(problem) = &c.email_problem {
-            warnings.push(Warning {
-                candidate_id: c.id.to_string(),
-                code: "invalid_email".into(),
-                message: format!("{:?} cannot be emailed: {problem}", c.email),
-            });
-        } else if invited.contains(c.id.as_str()) {
-            warnings.push(Warning {
-                candidate_id: c.id.to_string(),
-                code: "already_invited".into(),
-                message: format!(
-                    "{} already holds a pending or in-progress invitation for {}; {then}",
-                    c.id, batch.job_id
-                ),
-            });
-        }
-    }
-    warnings
+    batch
+        .candidates
+        .iter()
+        .map(|c| match &c.email_problem {
+            Some(problem) => NewWarning {
+                warning: Warning {
+                    candidate_id: c.id.to_string(),
+                    code: "invalid_email".into(),
+                    message: format!("{:?} cannot be emailed: {problem}", c.email),
+                },
+                if_invited: false,
+            },
+            None => NewWarning {
+                warning: Warning {
+                    candidate_id: c.id.to_string(),
+                    code: "already_invited".into(),
+                    message: format!(
+                        "{} already holds a pending or in-progress invitation for {}; {then}",
+                        c.id, batch.job_id
+                    ),
+                },
+                if_invited: true,
+            },
+        })
+        .collect()
 }
 
 fn accepted(batch: BatchView) -> Response {
@@ -336,10 +355,6 @@ pub async fn create(
     }
 
     let checked = check(&req, &state.settings)?;
-    let mut conn = state.pool.acquire().await?;
-    let invited = check_job(&mut conn, &checked).await?;
-    let warnings = warnings(&checked, &invited);
-
     let items: Vec<NewItem> = checked
         .candidates
         .iter()
@@ -358,14 +373,15 @@ pub async fn create(
         duration_minutes: checked.duration_minutes,
         on_duplicate: checked.on_duplicate.as_str().to_owned(),
         items,
-        warnings,
+        warnings: possible_warnings(&checked),
         idempotency_key: key.clone(),
         request_hash: hash.clone(),
     };
+    let mut conn = state.pool.acquire().await?;
     let row = match db::batches::insert(&mut conn, &batch).await {
-        Ok(Some(row)) => row,
-        // Closed between the check and the write (jobs are never deleted).
-        Ok(None) => return Err(ApiError::JobClosed(checked.job_id.to_string())),
+        Ok(Inserted::Batch(row)) => row,
+        Ok(Inserted::JobNotFound) => return Err(ApiError::JobNotFound(checked.job_id.to_string())),
+        Ok(Inserted::JobClosed) => return Err(ApiError::JobClosed(checked.job_id.to_string())),
         Err(e) if db::batches::is_idempotency_conflict(&e) => {
             // A concurrent request with the same key committed first: answer as it did.
             let (Some(key), Some(hash)) = (&key, &hash) else {

@@ -101,6 +101,44 @@ async fn invitation_status(app: &TestApp, id: &str) -> String {
 
 // 1 ------------------------------------------------------------------------------------
 
+/// A create decides its warnings in the statement that writes the batch
+/// (`db::batches::insert`), a preview in the application: the same request gets the
+/// same warnings, in candidate order, from both, and keeps them.
+#[tokio::test]
+async fn a_created_batch_has_exactly_the_warnings_its_preview_showed() {
+    let app = spawn_app().await;
+    app.open_job("job-w").await;
+    // old-0 and old-1 hold live invitations for job-w.
+    let earlier = app.create_batch("job-w", candidates("old", 2)).await;
+    app.wait_until_completed(&earlier).await;
+
+    let mut people = candidates("new", 3);
+    people[1]["email"] = json!("not-an-email");
+    people.insert(0, json!({"id": "old-1", "email": "old.1@example.com"}));
+    people.push(json!({"id": "old-0", "email": "old.0@example.com"}));
+    let body = batch_body("job-w", &people);
+    let r = app.post_json("/v1/batches/preview", &body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let preview: Value = r.json().await.expect("json");
+    assert_eq!(
+        warning_pairs(&preview["warnings"]),
+        [
+            ("old-1", "already_invited"),
+            ("new-1", "invalid_email"),
+            ("old-0", "already_invited"),
+        ]
+        .map(|(id, code)| (id.to_owned(), code.to_owned())),
+        "{preview}"
+    );
+
+    let r = app.post_batch(&body).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let created: Value = r.json().await.expect("json");
+    assert_eq!(created["warnings"], preview["warnings"], "{created}");
+    let id = created["id"].as_str().expect("id");
+    assert_eq!(app.batch(id).await["warnings"], preview["warnings"]);
+}
+
 #[tokio::test]
 async fn preview_writes_nothing_and_reports_sends_skips_failures_and_both_warning_kinds() {
     let app = spawn_app().await;

@@ -358,11 +358,12 @@ fn parse_time(v: &Value) -> chrono::DateTime<chrono::Utc> {
         .unwrap_or_else(|| panic!("an RFC 3339 time: {v}"))
 }
 
-/// The job is read, then checked again as the batch is written (`db::batches::insert`,
-/// one statement): a close that lands in between answers 409 and writes nothing. The
-/// test holds the job row while the request runs, closes the job and lets go.
+/// The job is checked as the batch is written, under a lock on its row
+/// (`db::batches::insert`, one statement): a close that commits while the statement
+/// waits for the row answers 409 and writes nothing. The test holds the job row while
+/// the request runs, closes the job and lets go.
 #[tokio::test]
-async fn a_job_closed_between_the_check_and_the_write_gets_409_and_leaves_no_trace() {
+async fn a_job_closed_while_its_batch_is_being_written_gets_409_and_leaves_no_trace() {
     let app = spawn_app().await;
     app.open_job(OPEN_JOB).await;
     let before = app.row_counts().await;
@@ -376,8 +377,7 @@ async fn a_job_closed_between_the_check_and_the_write_gets_409_and_leaves_no_tra
     let body = valid_body(3);
     let request = app.post_batch(&body);
     let close = async {
-        // The request reads the job (a plain read is not blocked), then waits for the
-        // row as it writes; wait until it does before closing the job.
+        // Wait until the request waits for the row, then close the job.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let waiting: i64 = sqlx::query_scalar(
