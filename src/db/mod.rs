@@ -66,9 +66,6 @@ pub async fn migrations_applied(pool: &PgPool) -> bool {
     }
 }
 
-/// A pooled connection idle this long is pinged before it is handed out.
-const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     // Plan every statement for its actual parameters. A generic plan cached while a
     // table was small (a fresh database, right after a deploy) keeps scanning the whole
@@ -80,19 +77,6 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        // sqlx pings every connection it hands out: a round trip before each request's
-        // first statement (measured: one of six in `POST /v1/batches`). Only one that
-        // has been idle a while is pinged now; one that broke since its last use fails
-        // that use, and the pool drops it.
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_AFTER_IDLE {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
         .connect_with(options)
         .await?;
     Ok(pool)
@@ -125,4 +109,27 @@ pub async fn writer_connection(
     .execute(&mut *conn)
     .await?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Database connections must set `TCP_NODELAY`, which sqlx 0.9.0 does not: the
+    /// build uses the patched copy in `vendor/sqlx-core` (see its `PATCHED.md`). A
+    /// `[patch]` that no longer matches the locked version stops applying with only a
+    /// warning; this fails instead, so whoever updates sqlx checks that the release
+    /// sets it before dropping the patch.
+    #[test]
+    fn sqlx_core_is_the_patched_copy_that_sets_tcp_nodelay() {
+        let lock = include_str!("../../Cargo.lock");
+        let entry = lock
+            .split("[[package]]")
+            .find(|p| p.contains("name = \"sqlx-core\"\n"))
+            .expect("sqlx-core is locked");
+        assert!(
+            !entry.contains("source = "),
+            "sqlx-core comes from a registry, not vendor/sqlx-core:{entry}"
+        );
+        let socket = include_str!("../../vendor/sqlx-core/src/net/socket/mod.rs");
+        assert!(socket.contains("stream.set_nodelay(true)?;"));
+    }
 }

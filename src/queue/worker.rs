@@ -118,17 +118,33 @@ fn hostname() -> String {
 }
 
 /// Runs the queue workers until `shutdown` is cancelled; then lets in-flight tasks
-/// finish for up to `worker.shutdown_timeout_secs`, and their outcomes be written for
-/// up to as long again. Tasks still running after that are recovered by another
-/// worker once this one's heartbeat lapses.
+/// finish and their outcomes be written, all within `worker.shutdown_timeout_secs` of
+/// the cancel. Tasks still running after that are recovered by another worker once
+/// this one's heartbeat lapses.
 pub async fn run(
     deliverer: Arc<Deliverer>,
     settings: &Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let result = supervise(deliverer.clone(), settings, shutdown).await;
     let timeout = Duration::from_secs(settings.worker.shutdown_timeout_secs);
-    if !deliverer.settle(timeout).await {
+    let cancelled = shutdown.clone();
+    let cancelled = cancelled.cancelled();
+    tokio::pin!(cancelled);
+    let workers = supervise(deliverer.clone(), settings, shutdown);
+    tokio::pin!(workers);
+    let mut deadline = None;
+    let result = loop {
+        tokio::select! {
+            result = &mut workers => break result,
+            () = &mut cancelled, if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + timeout);
+            }
+        }
+    };
+    let left = deadline.map_or(timeout, |d| {
+        d.saturating_duration_since(tokio::time::Instant::now())
+    });
+    if !deliverer.settle(left).await {
         tracing::warn!(
             timeout_secs = timeout.as_secs(),
             "shutdown timeout: some outcomes are not written; their tasks will run again"

@@ -714,3 +714,48 @@ async fn a_send_dropped_mid_exchange_does_not_leave_its_connection_to_the_next_s
     assert_eq!(smtp.attempts(next), 1);
     assert!(smtp.messages().iter().any(|m| m.rcpt_to == [next]));
 }
+
+/// Connections the database dropped while they sat in the pool (a restart, a
+/// failover, `pg_terminate_backend`) are found before use, not by the request that
+/// gets one: requests right after the cut are answered as usual.
+#[tokio::test]
+async fn requests_right_after_the_database_cut_every_connection_are_answered_as_usual() {
+    let mut app = prepare_app_with(|_| {}).await;
+    let mut api = Service::new("api", &app.settings).start("api");
+    api.wait_ready(READY).await;
+    app.base = api.base();
+    app.open_job("job-1").await;
+    let post = |n: usize| {
+        let app = &app;
+        async move {
+            let body = json!({"job_id": "job-1", "duration_minutes": 30,
+                              "candidates": candidates(&format!("cut{n}"), 3)});
+            app.post_batch(&body).await.status()
+        }
+    };
+    // Eight at once, so the pool holds several connections, each just used.
+    let warm = futures::future::join_all((0..8).map(post)).await;
+    assert!(warm.iter().all(|s| s.as_u16() == 202), "{warm:?}");
+
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", server_url()))
+        .await
+        .expect("an admin connection");
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()) t
+         WHERE ok",
+    )
+    .bind(database_name(&app.settings))
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate the database's backends");
+    let _ = admin.close().await;
+    assert!(cut > 0, "the service's connections were cut");
+
+    let after = futures::future::join_all((8..16).map(post)).await;
+    assert!(
+        after.iter().all(|s| s.as_u16() == 202),
+        "every request after the cut is accepted: {after:?}"
+    );
+}
