@@ -88,11 +88,10 @@ impl Deliverer {
             pool: pool.clone(),
             retry: settings.retry.clone(),
         };
-        let places = settings.worker.concurrency.min(Semaphore::MAX_PERMITS);
         Self {
             pool,
             mailer,
-            on_the_way: Arc::new(Semaphore::new(places)),
+            on_the_way: Arc::new(Semaphore::new(places(&settings) as usize)),
             settings,
             preparer: Grouped::start(preparer, MAX_GROUP),
             recorder: Grouped::start(recorder, MAX_GROUP),
@@ -112,11 +111,8 @@ impl Deliverer {
         let started = Instant::now();
         let prepared = self.preparer.submit(prepare).await?;
         let started = phase_done("prepare", started);
-        let take_place = |started| async move {
-            let place = self.on_the_way.clone().acquire_owned().await;
-            (place, phase_done("wait", started))
-        };
-        let (place, item, attempt, result) = match prepared {
+        // What the attempt does: send with this invitation, or end the item unsent.
+        let (item, attempt, action) = match prepared {
             Prepared::NothingToDo => {
                 self.end_task(&task_id, TaskEnd::Done).await;
                 return Ok(());
@@ -127,32 +123,37 @@ impl Deliverer {
                 item,
                 reason,
                 detail,
-            } => {
-                let (place, _) = take_place(started).await;
-                (place, item, 0, Attempted::NotSent { reason, detail })
-            }
+            } => (item, 0, Err(Attempted::NotSent { reason, detail })),
             Prepared::Send {
                 item,
                 invitation_id,
                 attempt,
             } => match CandidateEmail::parse(&item.email) {
-                Ok(_) => {
-                    let (place, started) = take_place(started).await;
-                    let sent = self.send(&item, invitation_id).await;
-                    phase_done("send", started);
-                    (place, item, attempt, Attempted::Sent(sent))
-                }
+                Ok(_) => (item, attempt, Ok(invitation_id)),
                 // Only for an item written before addresses were checked at write time
                 // (`batch_items.email_error`): an invalid address is never sent to.
                 Err(e) => {
-                    let (place, _) = take_place(started).await;
                     let detail = Some(e.to_string());
                     let reason = ItemReason::InvalidEmail;
-                    (place, item, attempt, Attempted::NotSent { reason, detail })
+                    (item, attempt, Err(Attempted::NotSent { reason, detail }))
                 }
             },
         };
-        let place = place.map_err(|_| anyhow::anyhow!("the deliverer has stopped"))?;
+        let place = self
+            .on_the_way
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| anyhow::anyhow!("the deliverer has stopped"))?;
+        let started = phase_done("wait", started);
+        let result = match action {
+            Ok(invitation_id) => {
+                let sent = self.send(&item, invitation_id).await;
+                phase_done("send", started);
+                Attempted::Sent(sent)
+            }
+            Err(not_sent) => not_sent,
+        };
         let outcome = Outcome {
             item,
             task_id,
@@ -192,7 +193,7 @@ impl Deliverer {
     /// Waits, up to `timeout`, until every outcome handed to the recorder is written;
     /// false if some are not. For a clean shutdown, after the workers have stopped.
     pub async fn settle(&self, timeout: Duration) -> bool {
-        let all = u32::try_from(self.settings.worker.concurrency).unwrap_or(u32::MAX);
+        let all = places(&self.settings);
         tokio::time::timeout(timeout, self.on_the_way.acquire_many(all))
             .await
             .is_ok_and(|places| places.is_ok())
@@ -244,6 +245,11 @@ impl Deliverer {
     fn secret(&self) -> &[u8] {
         self.settings.invite.token_secret.expose().as_bytes()
     }
+}
+
+/// How many messages may be on their way at once (`Deliverer::on_the_way`).
+fn places(settings: &Settings) -> u32 {
+    u32::try_from(settings.worker.concurrency).unwrap_or(u32::MAX)
 }
 
 /// Records how long a phase of a delivery took (waiting for its group included);

@@ -21,8 +21,8 @@ use sqlx::Connection;
 
 use crate::{
     helpers::{
-        KEY, TestApp, bounded_client, candidates, database_name, link_in, prepare_app_with,
-        server_url, spawn_app_with, test_settings,
+        KEY, TestApp, api_only_with_open_job, bounded_client, candidates, database_name, link_in,
+        prepare_app_with, server_url, spawn_app_with, test_settings,
     },
     process::{Service, ServiceProcess},
 };
@@ -251,11 +251,7 @@ async fn three_worker_processes_on_one_database_send_each_invite_exactly_once() 
 
 #[tokio::test]
 async fn an_invalid_address_written_before_addresses_were_checked_at_write_time_is_never_sent_to() {
-    let mut app = prepare_app_with(|_| {}).await;
-    let mut api = Service::new("api", &app.settings).start("api");
-    api.wait_ready(READY).await;
-    app.base = api.base();
-    app.open_job("job-1").await;
+    let (app, _api) = api_only_with_open_job("job-1").await;
     let mut people = candidates("old", 3);
     people[1]["email"] = json!("old.1@localhost");
     let id = app.create_batch("job-1", people).await;
@@ -720,11 +716,7 @@ async fn a_send_dropped_mid_exchange_does_not_leave_its_connection_to_the_next_s
 /// gets one: requests right after the cut are answered as usual.
 #[tokio::test]
 async fn requests_right_after_the_database_cut_every_connection_are_answered_as_usual() {
-    let mut app = prepare_app_with(|_| {}).await;
-    let mut api = Service::new("api", &app.settings).start("api");
-    api.wait_ready(READY).await;
-    app.base = api.base();
-    app.open_job("job-1").await;
+    let (app, _api) = api_only_with_open_job("job-1").await;
     let post = |n: usize| {
         let app = &app;
         async move {

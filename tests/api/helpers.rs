@@ -419,3 +419,14 @@ impl TestApp {
         rows.into_iter().collect()
     }
 }
+
+/// A migrated database served by the API alone (`invite-worker api` as a child
+/// process: no worker takes its tasks), with `job_id` open. Keep the process alive.
+pub async fn api_only_with_open_job(job_id: &str) -> (TestApp, crate::process::ServiceProcess) {
+    let mut app = prepare_app_with(|_| {}).await;
+    let mut api = crate::process::Service::new("api", &app.settings).start("api");
+    api.wait_ready(Duration::from_secs(30)).await;
+    app.base = api.base();
+    app.open_job(job_id).await;
+    (app, api)
+}

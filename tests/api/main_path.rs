@@ -1,15 +1,12 @@
 //! The main path: a batch becomes one email per candidate and an exact tally.
 
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
 use invite_worker::queue::{self, NewTask};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::{
-    helpers::{candidates, link_in, prepare_app_with, spawn_app},
-    process::Service,
-};
+use crate::helpers::{api_only_with_open_job, candidates, link_in, spawn_app};
 
 #[tokio::test]
 async fn a_batch_of_100_with_6_invalid_addresses_ends_94_sent_6_failed() {
@@ -104,12 +101,8 @@ async fn an_enqueued_task_is_the_row_that_apalis_push_writes() {
                                 last_result IS NULL AND lock_at IS NULL AND lock_by IS NULL
                                     AND done_at IS NULL AND run_at <= now()
                            FROM apalis.jobs WHERE id = $1";
-    let mut app = prepare_app_with(|_| {}).await;
     // The API alone: no worker takes the tasks before they are read.
-    let mut api = Service::new("api", &app.settings).start("api");
-    api.wait_ready(Duration::from_secs(30)).await;
-    app.base = api.base();
-    app.open_job("job-1").await;
+    let (app, _api) = api_only_with_open_job("job-1").await;
     let id = app.create_batch("job-1", candidates("shape", 3)).await;
     let items: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT id, task_id FROM batch_items WHERE batch_id = $1::uuid ORDER BY position",
