@@ -21,6 +21,8 @@ pub struct RunningApp {
     pub addr: SocketAddr,
     pub pool: sqlx::PgPool,
     pub shutdown: CancellationToken,
+    /// The router the listener serves, to call in-process (the demo does).
+    pub router: axum::Router,
     handle: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -77,10 +79,11 @@ pub async fn start(
         role,
     };
     let router = http::router(state);
+    let served = router.clone();
     let stop = shutdown.clone();
     let handle = tokio::spawn(async move {
         let server =
-            axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+            axum::serve(listener, served).with_graceful_shutdown(stop.clone().cancelled_owned());
         let http_result = server.await;
         // Whichever part stops first takes the other down with it.
         stop.cancel();
@@ -99,6 +102,7 @@ pub async fn start(
         addr,
         pool,
         shutdown,
+        router,
         handle,
     })
 }

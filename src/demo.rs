@@ -2,8 +2,12 @@
 //!
 //! Migrates the configured database (creating it if missing), starts the API and the
 //! workers with the `file` mail transport, registers a job, submits one batch of 100
-//! candidates (6 with invalid addresses) through the real HTTP API, shows progress
-//! until the batch completes, prints the tally and where the messages went, then exits.
+//! candidates (6 with invalid addresses) through the HTTP API, shows progress until the
+//! batch completes, prints the tally and where the messages went, then exits.
+//!
+//! The demo's requests go through the very router the listener serves (every layer,
+//! extractor and handler, authentication included), called in-process, so the product
+//! needs no HTTP client of its own.
 
 use std::{
     io::Write,
@@ -11,8 +15,14 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use axum::{
+    Router,
+    body::Body,
+    http::{Method, Request, StatusCode, header},
+};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::{
     app,
@@ -82,7 +92,11 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let base = format!("http://{}", service.addr);
     println!("  serving   {base} (API and workers in this process)");
 
-    let outcome = drive(&base, &key).await;
+    let api = Api {
+        router: service.router.clone(),
+        key: key.clone(),
+    };
+    let outcome = drive(&api).await;
     let stopped = service.stop().await;
     let (tally, batch_id, job_id) = outcome?;
     stopped?;
@@ -113,36 +127,60 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Registers the job, submits the batch and waits for it, over HTTP.
-async fn drive(base: &str, key: &str) -> anyhow::Result<(String, String, String)> {
-    let client = reqwest::Client::new();
+/// The API as the demo calls it: the service's router, with the demo's key.
+struct Api {
+    router: Router,
+    key: String,
+}
+
+impl Api {
+    /// One request; answers the status and the JSON body.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.key));
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&body)?))?,
+            None => request.body(Body::empty())?,
+        };
+        let response = self.router.clone().oneshot(request).await?;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1024 * 1024).await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+}
+
+/// Registers the job, submits the batch and waits for it, through the API.
+async fn drive(api: &Api) -> anyhow::Result<(String, String, String)> {
     let run = format!("demo-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let job_id = format!("{run}-job");
-    let response = client
-        .put(format!("{base}/v1/jobs/{job_id}"))
-        .bearer_auth(key)
-        .json(&json!({"title": "Backend Engineer", "status": "open"}))
-        .send()
+    let job = json!({"title": "Backend Engineer", "status": "open"});
+    let (status, body) = api
+        .call(Method::PUT, &format!("/v1/jobs/{job_id}"), Some(job))
         .await?;
-    if !response.status().is_success() {
-        bail!("registering the job failed: {}", response.text().await?);
+    if !status.is_success() {
+        bail!("registering the job failed: {status} {body}");
     }
     println!("  job       {job_id} (Backend Engineer, open)");
 
     let started = Instant::now();
-    let response = client
-        .post(format!("{base}/v1/batches"))
-        .bearer_auth(key)
-        .json(&json!({
-            "job_id": job_id, "duration_minutes": 30,
-            "candidates": candidates(&run), "expected_count": 100,
-        }))
-        .send()
-        .await?;
-    if response.status() != reqwest::StatusCode::ACCEPTED {
-        bail!("submitting the batch failed: {}", response.text().await?);
+    let batch = json!({
+        "job_id": job_id, "duration_minutes": 30,
+        "candidates": candidates(&run), "expected_count": 100,
+    });
+    let (status, batch) = api.call(Method::POST, "/v1/batches", Some(batch)).await?;
+    if status != StatusCode::ACCEPTED {
+        bail!("submitting the batch failed: {status} {batch}");
     }
-    let batch: Value = response.json().await?;
     let batch_id = batch["id"]
         .as_str()
         .context("the batch has no id")?
@@ -151,13 +189,12 @@ async fn drive(base: &str, key: &str) -> anyhow::Result<(String, String, String)
 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let batch: Value = client
-            .get(format!("{base}/v1/batches/{batch_id}"))
-            .bearer_auth(key)
-            .send()
-            .await?
-            .json()
+        let (status, batch) = api
+            .call(Method::GET, &format!("/v1/batches/{batch_id}"), None)
             .await?;
+        if status != StatusCode::OK {
+            bail!("reading the batch failed: {status} {batch}");
+        }
         let counts = &batch["counts"];
         print!(
             "\r  progress  {:>3} pending, {:>3} sent, {:>3} failed, {:>3} skipped  [{:.1} s]   ",

@@ -9,7 +9,6 @@
 //! `domain` depends on nothing of ours.
 
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -19,4 +18,3 @@ pub mod http;
 pub mod mail;
 pub mod queue;
 pub mod telemetry;
-pub mod testkit;

@@ -2,7 +2,7 @@ use std::{path::Path, process::ExitCode};
 
 use clap::Parser;
 use invite_worker::{
-    app, bench,
+    app,
     cli::{Cli, Command},
     config::Settings,
     demo,
@@ -15,7 +15,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; the services log what they do.
     telemetry::init_logging(match cli.command {
-        Command::Demo | Command::Bench(_) => "warn",
+        Command::Demo => "warn",
         _ => "warn,invite_worker=info",
     });
     let (path, required) = match &cli.config {
@@ -37,7 +37,6 @@ async fn main() -> ExitCode {
             println!("migrations applied");
         }),
         Command::Demo => demo::run(settings).await,
-        Command::Bench(args) => bench::run(settings, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

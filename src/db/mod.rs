@@ -110,26 +110,3 @@ pub async fn writer_connection(
     .await?;
     Ok(conn)
 }
-
-#[cfg(test)]
-mod tests {
-    /// Database connections must set `TCP_NODELAY`, which sqlx 0.9.0 does not: the
-    /// build uses the patched copy in `vendor/sqlx-core` (see its `PATCHED.md`). A
-    /// `[patch]` that no longer matches the locked version stops applying with only a
-    /// warning; this fails instead, so whoever updates sqlx checks that the release
-    /// sets it before dropping the patch.
-    #[test]
-    fn sqlx_core_is_the_patched_copy_that_sets_tcp_nodelay() {
-        let lock = include_str!("../../Cargo.lock");
-        let entry = lock
-            .split("[[package]]")
-            .find(|p| p.contains("name = \"sqlx-core\"\n"))
-            .expect("sqlx-core is locked");
-        assert!(
-            !entry.contains("source = "),
-            "sqlx-core comes from a registry, not vendor/sqlx-core:{entry}"
-        );
-        let socket = include_str!("../../vendor/sqlx-core/src/net/socket/mod.rs");
-        assert!(socket.contains("stream.set_nodelay(true)?;"));
-    }
-}

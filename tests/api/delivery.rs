@@ -8,9 +8,9 @@ use std::{
 };
 
 use futures::future::join_all;
-use invite_worker::testkit::smtp::{Received, Step};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use smtp_testkit::{Received, Step};
 
 use crate::helpers::{
     TestApp, assert_counts_add_up, candidates, link_in, spawn_app, spawn_app_with,

@@ -12,11 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use invite_worker::{
-    mail::Mailer,
-    testkit::smtp::{Received, SmtpServer, Step},
-};
+use invite_worker::mail::Mailer;
 use serde_json::{Value, json};
+use smtp_testkit::{Received, SmtpServer, Step};
 use sqlx::Connection;
 
 use crate::{

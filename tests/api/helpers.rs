@@ -9,10 +9,10 @@ use invite_worker::{
     app::{self, RunningApp},
     config::{MailTransport, Settings},
     http::Role,
-    testkit::smtp::SmtpServer,
 };
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
+use smtp_testkit::SmtpServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use apalis_core::task::builder::TaskBuilder;
-use invite_worker::{queue::QUEUE, testkit::smtp::Step};
+use invite_worker::queue::QUEUE;
+use smtp_testkit::Step;
 
 use crate::helpers::{TestApp, candidates, spawn_app, spawn_app_with};
 

@@ -4,8 +4,8 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use invite_worker::testkit::smtp::Step;
 use serde_json::{Value, json};
+use smtp_testkit::Step;
 
 use crate::{
     helpers::{TestApp, link_in, prepare_app_with},
