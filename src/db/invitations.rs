@@ -5,6 +5,8 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use crate::domain::states::InvitationStatus;
+
 /// The invitation resource.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Invitation {
@@ -12,23 +14,20 @@ pub struct Invitation {
     pub job_id: String,
     pub candidate_id: String,
     pub batch_id: Uuid,
-    /// `PENDING`, `IN_PROGRESS`, `COMPLETED`, `EXPIRED` or `REVOKED`.
-    pub status: String,
+    pub status: InvitationStatus,
     pub duration_minutes: i32,
     pub sent_at: Option<DateTime<Utc>>,
     pub expires_at: DateTime<Utc>,
     pub redeemed_at: Option<DateTime<Utc>>,
 }
 
-/// The columns of [`Invitation`], with a PENDING link past its expiry read as EXPIRED.
-const COLUMNS: &str = "id, job_id, candidate_id, batch_id, \
-     CASE WHEN status = 'PENDING' AND expires_at <= now() THEN 'EXPIRED' ELSE status END AS status, \
-     duration_minutes, sent_at, expires_at, redeemed_at";
-
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Invitation>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM invitations WHERE id = $1"
-    )))
+    sqlx::query_as(
+        "SELECT id, job_id, candidate_id, batch_id,
+                invitation_status_now(status, expires_at) AS status,
+                duration_minutes, sent_at, expires_at, redeemed_at
+           FROM invitations WHERE id = $1",
+    )
     .bind(id)
     .fetch_optional(db)
     .await
@@ -41,17 +40,12 @@ pub async fn list(
     candidate_id: Option<&str>,
     limit: i64,
 ) -> sqlx::Result<Vec<Invitation>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM invitations
-         WHERE ($1::text IS NULL OR job_id = $1) AND ($2::text IS NULL OR candidate_id = $2)
-         ORDER BY created_at DESC, id DESC
-         LIMIT $3"
-    )))
-    .bind(job_id)
-    .bind(candidate_id)
-    .bind(limit)
-    .fetch_all(db)
-    .await
+    sqlx::query_as(include_str!("sql/list_invitations.sql"))
+        .bind(job_id)
+        .bind(candidate_id)
+        .bind(limit)
+        .fetch_all(db)
+        .await
 }
 
 /// What a redeem found.
@@ -65,49 +59,56 @@ pub enum Redeem {
 /// Consumes a live link in one atomic UPDATE: under any number of concurrent redeems
 /// of one token exactly one matches `status = 'PENDING'`.
 pub async fn redeem(db: &sqlx::PgPool, token_hash: &[u8; 32]) -> sqlx::Result<Redeem> {
-    let redeemed: Option<Invitation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE invitations SET status = 'IN_PROGRESS', redeemed_at = now()
-         WHERE token_hash = $1 AND status = 'PENDING' AND expires_at > now()
-         RETURNING {COLUMNS}"
-    )))
-    .bind(&token_hash[..])
-    .fetch_optional(db)
-    .await?;
+    let redeemed: Option<Invitation> = sqlx::query_as(include_str!("sql/redeem_invitation.sql"))
+        .bind(&token_hash[..])
+        .fetch_optional(db)
+        .await?;
     if let Some(invitation) = redeemed {
         return Ok(Redeem::Redeemed(invitation));
     }
-    let status: Option<String> =
+    let status: Option<InvitationStatus> =
         sqlx::query_scalar("SELECT status FROM invitations WHERE token_hash = $1")
             .bind(&token_hash[..])
             .fetch_optional(db)
             .await?;
-    Ok(match status.as_deref() {
+    Ok(match status {
         None => Redeem::Unknown,
-        Some("IN_PROGRESS" | "COMPLETED") => Redeem::Used,
-        Some(_) => Redeem::ExpiredOrRevoked,
+        Some(InvitationStatus::InProgress | InvitationStatus::Completed) => Redeem::Used,
+        Some(InvitationStatus::Pending | InvitationStatus::Expired | InvitationStatus::Revoked) => {
+            Redeem::ExpiredOrRevoked
+        }
     })
 }
 
-/// Moves an invitation `from` → `to` (a live one, for PENDING); `None` when it is not
-/// in `from` (the caller answers 409) or does not exist.
+/// The transitions of an invitation that the API offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// IN_PROGRESS → COMPLETED.
+    Complete,
+    /// PENDING (and not expired) → REVOKED.
+    Revoke,
+}
+
+impl Transition {
+    /// The state an invitation must be in, and the one it moves to.
+    pub fn states(self) -> (InvitationStatus, InvitationStatus) {
+        match self {
+            Transition::Complete => (InvitationStatus::InProgress, InvitationStatus::Completed),
+            Transition::Revoke => (InvitationStatus::Pending, InvitationStatus::Revoked),
+        }
+    }
+}
+
+/// Makes `transition` if the invitation is in its starting state; `None` when it is not
+/// (the caller answers 409) or does not exist.
 pub async fn transition(
     db: impl PgExecutor<'_>,
     id: Uuid,
-    from: &str,
-    to: &str,
+    transition: Transition,
 ) -> sqlx::Result<Option<Invitation>> {
-    let stamp = match to {
-        "COMPLETED" => "completed_at",
-        _ => "revoked_at",
+    let sql = match transition {
+        Transition::Complete => include_str!("sql/complete_invitation.sql"),
+        Transition::Revoke => include_str!("sql/revoke_invitation.sql"),
     };
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE invitations SET status = $3, {stamp} = now()
-         WHERE id = $1 AND status = $2 AND ($2 <> 'PENDING' OR expires_at > now())
-         RETURNING {COLUMNS}"
-    )))
-    .bind(id)
-    .bind(from)
-    .bind(to)
-    .fetch_optional(db)
-    .await
+    sqlx::query_as(sql).bind(id).fetch_optional(db).await
 }

@@ -4,12 +4,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgExecutor;
 
+use crate::domain::states::JobStatus;
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Job {
     pub id: String,
     pub title: String,
-    /// `open` or `closed`.
-    pub status: String,
+    pub status: JobStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -19,7 +20,7 @@ pub async fn upsert(
     db: impl PgExecutor<'_>,
     id: &str,
     title: &str,
-    status: &str,
+    status: JobStatus,
 ) -> sqlx::Result<(Job, bool)> {
     #[derive(sqlx::FromRow)]
     struct Row {

@@ -1,4 +1,4 @@
-//! Ids that belong to the web app (job ids, candidate ids).
+//! Ids: the web app's own (job ids, candidate ids), and new queue task ids.
 
 use std::fmt;
 
@@ -48,6 +48,11 @@ impl fmt::Display for ExternalId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// A new queue task id (`apalis.jobs.id`): apalis expects ULIDs.
+pub fn new_task_id() -> String {
+    ulid::Ulid::generate().to_string()
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
-//! Pure types and rules: ids, email addresses, link tokens and the states of batches,
-//! items and invitations. Nothing here does I/O.
+//! Pure types and rules: ids, email addresses, link tokens, warnings and the states of
+//! batches, items and invitations. Nothing here does I/O, and nothing here uses another
+//! module of this crate.
 
 pub mod email;
 pub mod ids;
 pub mod states;
 pub mod token;
+pub mod warning;

@@ -1,14 +1,19 @@
 //! The states of batches, items and invitations, as the API names them. The database
-//! enforces the same sets and transitions (see `migrations/`).
+//! enforces the same sets and transitions (see `migrations/`) and stores each as the
+//! same text: every enum here is read and written as a `text` column (`sqlx::Type`),
+//! so no code compares a state as a string.
 
-use serde::{Deserialize, Serialize};
-
+/// An enum of fixed strings: serde and `FromStr`/`Display` use the strings, and so does
+/// PostgreSQL (a `text` value; an unknown one fails to decode).
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash,
+            ::serde::Serialize, ::serde::Deserialize, ::utoipa::ToSchema,
+        )]
         pub enum $name {
-            $(#[serde(rename = $text)] $variant),+
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
         }
 
         impl $name {
@@ -44,8 +49,44 @@ macro_rules! string_enum {
                 f.write_str(self.as_str())
             }
         }
+
+        impl ::sqlx::Type<::sqlx::Postgres> for $name {
+            fn type_info() -> ::sqlx::postgres::PgTypeInfo {
+                <&str as ::sqlx::Type<::sqlx::Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &::sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as ::sqlx::Type<::sqlx::Postgres>>::compatible(ty)
+            }
+        }
+
+        impl ::sqlx::postgres::PgHasArrayType for $name {
+            fn array_type_info() -> ::sqlx::postgres::PgTypeInfo {
+                <&str as ::sqlx::postgres::PgHasArrayType>::array_type_info()
+            }
+        }
+
+        impl ::sqlx::Encode<'_, ::sqlx::Postgres> for $name {
+            fn encode_by_ref(
+                &self,
+                buf: &mut ::sqlx::postgres::PgArgumentBuffer,
+            ) -> Result<::sqlx::encode::IsNull, ::sqlx::error::BoxDynError> {
+                <&str as ::sqlx::Encode<::sqlx::Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+
+        impl ::sqlx::Decode<'_, ::sqlx::Postgres> for $name {
+            fn decode(
+                value: ::sqlx::postgres::PgValueRef<'_>,
+            ) -> Result<Self, ::sqlx::error::BoxDynError> {
+                let text = <&str as ::sqlx::Decode<::sqlx::Postgres>>::decode(value)?;
+                Ok(text.parse::<$name>()?)
+            }
+        }
     };
 }
+
+pub(crate) use string_enum;
 
 string_enum! {
     /// `queued` (nothing started) → `running` → `completed`; `cancelled` after a cancel;
@@ -100,6 +141,14 @@ string_enum! {
         Completed = "COMPLETED",
         Expired = "EXPIRED",
         Revoked = "REVOKED",
+    }
+}
+
+string_enum! {
+    /// The kinds of [`Warning`](super::warning::Warning) a batch can carry.
+    WarningCode {
+        AlreadyInvited = "already_invited",
+        InvalidEmail = "invalid_email",
     }
 }
 

@@ -1,6 +1,6 @@
-//! Batches: create (one transaction with the queue tasks), read, list items.
+//! Batches: create (one statement with the queue tasks), preview, read, list, list
+//! items, retry, cancel.
 
-use crate::http::error::Problem;
 use std::{collections::HashSet, time::Duration};
 
 use axum::{
@@ -13,25 +13,24 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::{
+    error::{ApiError, ApiResult, Problem},
+    extract::{JsonBody, OptionalJsonBody, PathUuid, QueryParams, optional, request_id},
+    state::AppState,
+};
 use crate::{
     config::Settings,
     db::{
         self,
-        batches::{
-            BatchRow, Cancel, Inserted, ItemView, NewBatch, NewItem, NewWarning, Retry, Warning,
-        },
+        batches::{BatchRow, Cancel, ItemView, NewBatch, NewItem, NewWarning, Retry},
+        tasks::{self, Created, NewTask},
     },
     domain::{
         email::CandidateEmail,
-        ids::ExternalId,
-        states::{BatchStatus, ItemStatus, OnDuplicate},
+        ids::{ExternalId, new_task_id},
+        states::{BatchStatus, ItemStatus, JobStatus, OnDuplicate, WarningCode},
+        warning::Warning,
     },
-    http::{
-        AppState,
-        error::{ApiError, ApiResult},
-        extract::{JsonBody, OptionalJsonBody, PathUuid, QueryParams, optional},
-    },
-    queue::{self, NewTask},
 };
 
 /// The longest name and email string accepted (longer is a validation error).
@@ -74,9 +73,8 @@ pub struct BatchView {
     pub id: Uuid,
     pub job_id: String,
     pub duration_minutes: i32,
-    pub on_duplicate: String,
-    /// `queued`, `running`, `completed` or `cancelled`.
-    pub status: String,
+    pub on_duplicate: OnDuplicate,
+    pub status: BatchStatus,
     pub total: i32,
     pub counts: Counts,
     /// `"{sent} sent, {failed} failed"`, plus `", {skipped} skipped"` when any were.
@@ -218,19 +216,19 @@ pub fn check(req: &BatchRequest, settings: &Settings) -> ApiResult<CheckedBatch>
     })
 }
 
-/// Checks that the job exists and is open, holding it (`FOR SHARE`: a concurrent close
-/// waits for this transaction), and returns the candidates among `batch`'s who already
-/// hold a live invitation for it. One statement.
-pub async fn check_job(
+/// Checks that the job exists and is open, and returns the candidates among `batch`'s
+/// who already hold a live invitation for it. One statement, no lock: what it answers
+/// is what a send would do now (the create statement checks again as it writes).
+pub async fn invited_candidates_of_open_job(
     conn: &mut sqlx::PgConnection,
     batch: &CheckedBatch,
 ) -> ApiResult<HashSet<String>> {
     let ids: Vec<&str> = batch.candidates.iter().map(|c| c.id.as_str()).collect();
     let job_id = &batch.job_id;
-    match db::batches::job_and_invited(conn, job_id.as_str(), &ids).await? {
+    match db::batches::job_status_and_invited(conn, job_id.as_str(), &ids).await? {
         None => Err(ApiError::JobNotFound(job_id.to_string())),
-        Some((status, _)) if status == "closed" => Err(ApiError::JobClosed(job_id.to_string())),
-        Some((_, invited)) => Ok(invited.into_iter().collect()),
+        Some((JobStatus::Closed, _)) => Err(ApiError::JobClosed(job_id.to_string())),
+        Some((JobStatus::Open, invited)) => Ok(invited.into_iter().collect()),
     }
 }
 
@@ -261,7 +259,7 @@ fn possible_warnings(batch: &CheckedBatch) -> Vec<NewWarning> {
             Some(problem) => NewWarning {
                 warning: Warning {
                     candidate_id: c.id.to_string(),
-                    code: "invalid_email".into(),
+                    code: WarningCode::InvalidEmail,
                     message: format!("{:?} cannot be emailed: {problem}", c.email),
                 },
                 if_invited: false,
@@ -269,7 +267,7 @@ fn possible_warnings(batch: &CheckedBatch) -> Vec<NewWarning> {
             None => NewWarning {
                 warning: Warning {
                     candidate_id: c.id.to_string(),
-                    code: "already_invited".into(),
+                    code: WarningCode::AlreadyInvited,
                     message: format!(
                         "{} already holds a pending or in-progress invitation for {}; {then}",
                         c.id, batch.job_id
@@ -331,7 +329,7 @@ fn replay(existing: BatchRow, hash: &[u8]) -> ApiResult<Response> {
 }
 
 /// `POST /v1/batches`: the batch, its items and one queue task per item, in one
-/// statement (`db::batches::insert`); a request that fails any check writes nothing. With an
+/// statement (`db::tasks::create_batch`); a request that fails any check writes nothing. With an
 /// `Idempotency-Key`, a repeat (also a concurrent one) gets the same batch back.
 #[utoipa::path(post, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII; a repeat with the same body returns the same batch")),
@@ -360,7 +358,7 @@ pub async fn create(
         .iter()
         .map(|c| NewItem {
             id: Uuid::now_v7(),
-            task_id: queue::new_task_id(),
+            task_id: new_task_id(),
             candidate_id: c.id.to_string(),
             email: c.email.clone(),
             name: c.name.clone(),
@@ -371,17 +369,18 @@ pub async fn create(
         id: Uuid::now_v7(),
         job_id: checked.job_id.to_string(),
         duration_minutes: checked.duration_minutes,
-        on_duplicate: checked.on_duplicate.as_str().to_owned(),
+        on_duplicate: checked.on_duplicate,
         items,
         warnings: possible_warnings(&checked),
         idempotency_key: key.clone(),
         request_hash: hash.clone(),
+        request_id: request_id(&headers),
     };
     let mut conn = state.pool.acquire().await?;
-    let row = match db::batches::insert(&mut conn, &batch).await {
-        Ok(Inserted::Batch(row)) => row,
-        Ok(Inserted::JobNotFound) => return Err(ApiError::JobNotFound(checked.job_id.to_string())),
-        Ok(Inserted::JobClosed) => return Err(ApiError::JobClosed(checked.job_id.to_string())),
+    let row = match tasks::create_batch(&mut conn, &batch).await {
+        Ok(Created::Batch(row)) => row,
+        Ok(Created::JobNotFound) => return Err(ApiError::JobNotFound(checked.job_id.to_string())),
+        Ok(Created::JobClosed) => return Err(ApiError::JobClosed(checked.job_id.to_string())),
         Err(e) if db::batches::is_idempotency_conflict(&e) => {
             // A concurrent request with the same key committed first: answer as it did.
             let (Some(key), Some(hash)) = (&key, &hash) else {
@@ -424,7 +423,7 @@ pub async fn preview(
 ) -> ApiResult<Json<Preview>> {
     let checked = check(&req, &state.settings)?;
     let mut conn = state.pool.acquire().await?;
-    let invited = check_job(&mut conn, &checked).await?;
+    let invited = invited_candidates_of_open_job(&mut conn, &checked).await?;
     let warnings = warnings(&checked, &invited);
     let total = checked.candidates.len();
     let to_fail = checked
@@ -484,7 +483,7 @@ pub async fn list(
     let rows = db::batches::list(
         &state.pool,
         query.job_id.as_ref().map(ExternalId::as_str),
-        query.status.map(BatchStatus::as_str),
+        query.status,
         limit,
     )
     .await?;
@@ -562,7 +561,7 @@ pub async fn retry(
                     run_after: None,
                 })
                 .collect();
-            queue::push(&mut tx, &new).await?;
+            tasks::push(&mut tx, &new).await?;
             tx.commit().await?;
             tracing::info!(batch = %id, items = tasks.len(), "failed items retried");
             Ok(accepted(row.into()))
@@ -589,7 +588,7 @@ pub async fn cancel(
                 return Ok(Json(row.into()));
             }
             Cancel::NotFound => return Err(ApiError::NotFound(format!("no batch with id {id}"))),
-            Cancel::NotLive(status) => {
+            Cancel::AlreadyFinished(status) => {
                 return Err(ApiError::InvalidTransition(format!(
                     "batch {id} is {status}: only a queued or running batch can be cancelled"
                 )));
@@ -645,6 +644,6 @@ pub async fn items(
     if db::batches::get(&state.pool, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no batch with id {id}")));
     }
-    let items = db::batches::items(&state.pool, id, status.map(ItemStatus::as_str)).await?;
+    let items = db::batches::items(&state.pool, id, status).await?;
     Ok(Json(ItemList { items }))
 }

@@ -3,12 +3,27 @@
 use axum::{
     body::Bytes,
     extract::{FromRequest, FromRequestParts, Request},
-    http::{header, request::Parts},
+    http::{HeaderMap, HeaderName, header, request::Parts},
 };
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::http::error::ApiError;
+use super::error::ApiError;
+
+/// The header that carries a request's id: the client's if it sent one, else a new
+/// UUID (the router's request-id layer); answered back, and recorded with a batch the
+/// request creates.
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id as a batch stores it: a client's own id longer than 200
+/// characters is not kept.
+pub(crate) fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| (1..=200).contains(&id.len()))
+        .map(str::to_owned)
+}
 
 /// A JSON body: `Content-Type: application/json` (415 otherwise), at most 1 MiB (413),
 /// and a well-formed document of the expected shape (422 naming the field otherwise).

@@ -1,20 +1,20 @@
 //! Invitations: read, list, redeem (single use), complete, revoke.
 
-use crate::http::error::Problem;
 use axum::{Json, extract::State};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     db::{
         self,
-        invitations::{Invitation, Redeem},
+        invitations::{Invitation, Redeem, Transition},
     },
     domain::{ids::ExternalId, token::hash_token},
-    http::{
-        AppState,
-        error::{ApiError, ApiResult},
-        extract::{JsonBody, PathUuid, QueryParams, optional},
-    },
+};
+
+use super::{
+    error::{ApiError, ApiResult, Problem},
+    extract::{JsonBody, PathUuid, QueryParams, optional},
+    state::AppState,
 };
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -101,15 +101,15 @@ pub async fn redeem(
 async fn transition(
     state: &AppState,
     id: uuid::Uuid,
-    from: &str,
-    to: &str,
+    transition: Transition,
 ) -> ApiResult<Json<Invitation>> {
-    if let Some(invitation) = db::invitations::transition(&state.pool, id, from, to).await? {
+    if let Some(invitation) = db::invitations::transition(&state.pool, id, transition).await? {
         return Ok(Json(invitation));
     }
     let current = db::invitations::get(&state.pool, id)
         .await?
         .ok_or_else(|| not_found(id))?;
+    let (from, to) = transition.states();
     Err(ApiError::InvalidTransition(format!(
         "invitation {id} is {}; only a {from} invitation can become {to}",
         current.status
@@ -125,7 +125,7 @@ pub async fn complete(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<Invitation>> {
-    transition(&state, id, "IN_PROGRESS", "COMPLETED").await
+    transition(&state, id, Transition::Complete).await
 }
 
 /// PENDING → REVOKED: the link stops working at once.
@@ -137,5 +137,5 @@ pub async fn revoke(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<Invitation>> {
-    transition(&state, id, "PENDING", "REVOKED").await
+    transition(&state, id, Transition::Revoke).await
 }

@@ -1,6 +1,5 @@
 //! `PUT/GET /v1/jobs/{job_id}`.
 
-use crate::http::error::Problem;
 use axum::{
     Json,
     extract::{Path, State},
@@ -11,11 +10,12 @@ use serde::Deserialize;
 use crate::{
     db::{self, jobs::Job},
     domain::{ids::ExternalId, states::JobStatus},
-    http::{
-        AppState,
-        error::{ApiError, ApiResult},
-        extract::JsonBody,
-    },
+};
+
+use super::{
+    error::{ApiError, ApiResult, Problem},
+    extract::JsonBody,
+    state::AppState,
 };
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -53,8 +53,7 @@ pub async fn put_job(
             "title: must not contain control characters".into(),
         ));
     }
-    let (job, created) =
-        db::jobs::upsert(&state.pool, id.as_str(), title, body.status.as_str()).await?;
+    let (job, created) = db::jobs::upsert(&state.pool, id.as_str(), title, body.status).await?;
     let status = if created {
         StatusCode::CREATED
     } else {

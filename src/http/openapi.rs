@@ -1,12 +1,13 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and the types
 //! they take and return (utoipa), served at `GET /openapi.json`.
 
+use axum::{Json, response::IntoResponse};
 use utoipa::{
     Modify, OpenApi,
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::http::{batches, error, invitations, jobs, service};
+use super::{batches, error, invitations, jobs, service};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,7 +23,7 @@ use crate::http::{batches, error, invitations, jobs, service};
         batches::retry, batches::cancel,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
-        service::healthz, service::readyz, service::metrics, service::openapi,
+        service::healthz, service::readyz, service::metrics, serve,
     ),
     components(schemas(error::Problem, error::ErrorCode)),
     modifiers(&BearerAuth),
@@ -49,6 +50,13 @@ impl Modify for BearerAuth {
 
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+/// The OpenAPI document, generated from the handlers and types.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
+pub async fn serve() -> impl IntoResponse {
+    Json(document())
 }
 
 #[cfg(test)]

@@ -1,14 +1,14 @@
-//! Service routes (no auth): liveness, readiness, metrics.
+//! Service routes (no auth): liveness, readiness, metrics. (The OpenAPI document is
+//! served by `openapi`.)
 
-use crate::http::error::Problem;
 use axum::{Json, extract::State, http::header, response::IntoResponse};
 use serde_json::json;
 
-use crate::{
-    db,
-    http::{AppState, error::ApiError},
-    telemetry,
+use super::{
+    error::{ApiError, Problem},
+    state::AppState,
 };
+use crate::{db, telemetry};
 
 /// The process is alive.
 #[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "The process is alive")))]
@@ -39,11 +39,4 @@ pub async fn metrics() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::render_metrics(),
     )
-}
-
-/// The OpenAPI document, generated from the handlers and types.
-#[utoipa::path(get, path = "/openapi.json", tag = "service",
-    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
-pub async fn openapi() -> impl IntoResponse {
-    Json(crate::http::openapi::document())
 }

@@ -12,11 +12,11 @@
 //! ([`super::group`]): one transaction for many items, each item still exact.
 //!
 //! The task returns once step 3 is handed to the recorder, as apalis' own acks are
-//! written after their handler returns: its place among the `worker.concurrency`
-//! tasks in flight goes to the next task while the outcome waits for its group
-//! (measured: 2,091 → 2,439–2,541 invites/s, interleaved runs). Messages sent and not
-//! yet recorded are bounded all the same (`Deliverer::on_the_way`), so a crash repeats
-//! at most `worker.concurrency` messages per process, as before.
+//! written after their handler returns: its slot among the `worker.concurrency` tasks
+//! in flight goes to the next task while the outcome waits for its group (see
+//! docs/performance.md). Messages sent and not yet recorded are bounded all the same
+//! (`Deliverer::in_flight`), so a crash repeats at most `worker.concurrency` messages
+//! per process.
 //!
 //! Safe to run twice for one task: the second run finds the item terminal, or finds a
 //! different `task_id` on it, and does nothing.
@@ -26,21 +26,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::{ExponentialBuilder, Retryable};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    config::{RetrySettings, Settings},
-    db::delivery::LockedItem,
+    config::Settings,
+    db::{
+        delivery::PreparedItem,
+        tasks::{self, TaskEnd},
+    },
     domain::{email::CandidateEmail, states::ItemReason, token::LinkToken},
     mail::{
         Mailer, SendError,
         render::{InviteEmail, message_id},
     },
     queue::{
-        self, TaskEnd,
         group::Grouped,
         prepare::{Prepare, Prepared, Preparer},
         recorder::{Attempted, Outcome, Recorder},
@@ -50,19 +53,6 @@ use crate::{
 /// The most items prepared, or outcomes recorded, in one transaction.
 const MAX_GROUP: usize = 128;
 
-/// What one run of a task did with its item.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
-    /// The mail server accepted the message.
-    Sent,
-    /// The item ended without a send (`already_invited`, `job_closed`, …) or failed.
-    Ended(ItemReason),
-    /// A transient failure; the next attempt is queued to run after `delay`.
-    RetryScheduled { attempt: i32, delay: Duration },
-    /// Nothing to do: the item is terminal already, belongs to a newer task, or is gone.
-    NothingToDo,
-}
-
 /// Everything a delivery needs; one per process, shared by all tasks.
 pub struct Deliverer {
     pub pool: PgPool,
@@ -70,11 +60,11 @@ pub struct Deliverer {
     settings: Arc<Settings>,
     preparer: Grouped<Preparer>,
     recorder: Grouped<Recorder>,
-    /// One place per message on its way: from just before its send until its outcome
-    /// is committed (also for an ending without a send, so a shutdown can wait for
-    /// every outcome). `worker.concurrency` places: a crash repeats at most that many
+    /// One permit per message in flight: from just before its send until its outcome is
+    /// committed (also for an ending without a send, so a shutdown can wait for every
+    /// outcome). `worker.concurrency` permits: a crash repeats at most that many
     /// messages per process, as when the task waited for its outcome.
-    on_the_way: Arc<Semaphore>,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Deliverer {
@@ -91,7 +81,7 @@ impl Deliverer {
         Self {
             pool,
             mailer,
-            on_the_way: Arc::new(Semaphore::new(places(&settings) as usize)),
+            in_flight: Arc::new(Semaphore::new(max_in_flight(&settings) as usize)),
             settings,
             preparer: Grouped::start(preparer, MAX_GROUP),
             recorder: Grouped::start(recorder, MAX_GROUP),
@@ -99,9 +89,9 @@ impl Deliverer {
     }
 
     /// Runs one attempt for `item_id` on behalf of the queue task `task_id`: phases 1
-    /// and 2 here, phase 3 behind it ([`Self::record_behind`]). Returns once the
-    /// outcome is handed to the recorder, so the task's place among the tasks in flight
-    /// is free again while its outcome is written with the next group.
+    /// and 2 here, phase 3 in the background ([`Self::record_in_background`]). Returns
+    /// once the outcome is handed to the recorder, so the task's slot among the tasks in
+    /// flight is free again while its outcome is written with the next group.
     pub async fn deliver(self: &Arc<Self>, item_id: Uuid, task_id: &str) -> anyhow::Result<()> {
         let task_id = task_id.to_owned();
         let prepare = Prepare {
@@ -114,11 +104,11 @@ impl Deliverer {
         // What the attempt does: send with this invitation, or end the item unsent.
         let (item, attempt, action) = match prepared {
             Prepared::NothingToDo => {
-                self.end_task(&task_id, TaskEnd::Done).await;
+                self.finish_task(&task_id, TaskEnd::Done).await;
                 return Ok(());
             }
             // The other run of this task in the group finishes it.
-            Prepared::Duplicate => return Ok(()),
+            Prepared::SameTaskTwice => return Ok(()),
             Prepared::NotSent {
                 item,
                 reason,
@@ -139,8 +129,8 @@ impl Deliverer {
                 }
             },
         };
-        let place = self
-            .on_the_way
+        let permit = self
+            .in_flight
             .clone()
             .acquire_owned()
             .await
@@ -148,7 +138,10 @@ impl Deliverer {
         let started = phase_done("wait", started);
         let result = match action {
             Ok(invitation_id) => {
-                let sent = self.send(&item, invitation_id).await;
+                let span = tracing::info_span!("send", task = %task_id, item = %item.id,
+                    batch = %item.batch_id,
+                    request_id = item.request_id.as_deref().unwrap_or_default());
+                let sent = self.send(&item, invitation_id).instrument(span).await;
                 phase_done("send", started);
                 Attempted::Sent(sent)
             }
@@ -160,17 +153,17 @@ impl Deliverer {
             attempt,
             result,
         };
-        self.record_behind(outcome, place);
+        self.record_in_background(outcome, permit);
         Ok(())
     }
 
     /// Phase 3 without the task waiting for it, the way apalis' own acks are written
     /// after their handler has returned: the outcome joins the recorder's next group,
-    /// and `place` (see [`Self::on_the_way`]) is let go once it is committed. If it
+    /// and `permit` (see [`Self::in_flight`]) is let go once it is committed. If it
     /// cannot be written, the task is ended as failed and runs again (its item is
     /// still `pending`, so a message already accepted may go out twice: the same
     /// bound as a crash, at most `worker.concurrency` per process).
-    fn record_behind(self: &Arc<Self>, outcome: Outcome, place: OwnedSemaphorePermit) {
+    fn record_in_background(self: &Arc<Self>, outcome: Outcome, permit: OwnedSemaphorePermit) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let (task, item) = (outcome.task_id.clone(), outcome.item.id);
@@ -182,43 +175,43 @@ impl Deliverer {
                 Err(e) => {
                     // A database fault: the task runs again shortly (up to its max_attempts).
                     tracing::error!(%task, %item, error = %format!("{e:#}"), "task failed");
-                    this.end_task(&task, TaskEnd::Failed(&format!("{e:#}")))
+                    this.finish_task(&task, TaskEnd::Failed(&format!("{e:#}")))
                         .await;
                 }
             }
-            drop(place);
+            drop(permit);
         });
     }
 
     /// Waits, up to `timeout`, until every outcome handed to the recorder is written;
     /// false if some are not. For a clean shutdown, after the workers have stopped.
-    pub async fn settle(&self, timeout: Duration) -> bool {
-        let all = places(&self.settings);
-        tokio::time::timeout(timeout, self.on_the_way.acquire_many(all))
+    pub async fn wait_for_outcomes(&self, timeout: Duration) -> bool {
+        let all = max_in_flight(&self.settings);
+        tokio::time::timeout(timeout, self.in_flight.acquire_many(all))
             .await
-            .is_ok_and(|places| places.is_ok())
+            .is_ok_and(|permits| permits.is_ok())
     }
 
-    /// Ends a task the recorder did not finish ([`queue::end_task`]), trying a few
-    /// times; if the database stays unreachable, maintenance releases the task later.
-    pub async fn end_task(&self, task_id: &str, end: TaskEnd<'_>) {
+    /// Ends a task the recorder did not finish ([`tasks::finish_task`]), trying a few
+    /// times; if the database stays unreachable, maintenance rescues the task later.
+    pub(crate) async fn finish_task(&self, task_id: &str, end: TaskEnd<'_>) {
         let attempts = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_times(4);
         let result = (|| async {
             let mut conn = self.pool.acquire().await?;
-            queue::end_task(&mut conn, task_id, end).await
+            tasks::finish_task(&mut conn, task_id, end).await
         })
         .retry(attempts)
         .await;
         if let Err(e) = result {
             tracing::error!(task = %task_id, ?end, error = %e,
-                "could not write how the task ended; maintenance will release it");
+                "could not write how the task ended; maintenance will rescue it");
         }
     }
 
     /// Phase 2: build the message from stored state and hand it to the mailer.
-    async fn send(&self, item: &LockedItem, invitation_id: Uuid) -> Result<(), SendError> {
+    async fn send(&self, item: &PreparedItem, invitation_id: Uuid) -> Result<(), SendError> {
         let address: lettre::Address = item
             .email
             .trim()
@@ -247,8 +240,8 @@ impl Deliverer {
     }
 }
 
-/// How many messages may be on their way at once (`Deliverer::on_the_way`).
-fn places(settings: &Settings) -> u32 {
+/// How many messages may be in flight at once (`Deliverer::in_flight`).
+fn max_in_flight(settings: &Settings) -> u32 {
     u32::try_from(settings.worker.concurrency).unwrap_or(u32::MAX)
 }
 
@@ -259,51 +252,4 @@ fn phase_done(phase: &'static str, started: Instant) -> Instant {
     metrics::histogram!("invite_phase_seconds", "phase" => phase)
         .record(now.duration_since(started).as_secs_f64());
     now
-}
-
-/// The wait before attempt `attempt + 1`: exponential from `initial_delay_ms` by
-/// `multiplier`, capped at `max_delay_ms` (backon's schedule), then spread by
-/// ±`jitter` so a burst of failures does not come back as a burst.
-pub fn retry_delay(retry: &RetrySettings, attempt: i32) -> Duration {
-    let nominal = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(retry.initial_delay_ms))
-        .with_max_delay(Duration::from_millis(retry.max_delay_ms))
-        .with_factor(retry.multiplier as f32)
-        .without_max_times()
-        .build()
-        .nth(usize::try_from(attempt.max(1) - 1).unwrap_or(0))
-        .unwrap_or(Duration::from_millis(retry.max_delay_ms));
-    let spread = 1.0 + retry.jitter * (rand::random::<f64>() * 2.0 - 1.0);
-    nominal.mul_f64(spread.max(0.0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn retry(jitter: f64) -> RetrySettings {
-        RetrySettings {
-            max_attempts: 8,
-            initial_delay_ms: 5_000,
-            max_delay_ms: 900_000,
-            multiplier: 3.0,
-            jitter,
-        }
-    }
-
-    #[test]
-    fn delays_grow_by_the_multiplier_up_to_the_cap() {
-        let r = retry(0.0);
-        let secs: Vec<u64> = (1..=8).map(|a| retry_delay(&r, a).as_secs()).collect();
-        assert_eq!(secs, vec![5, 15, 45, 135, 405, 900, 900, 900]);
-    }
-
-    #[test]
-    fn jitter_stays_within_its_band() {
-        let r = retry(0.2);
-        for _ in 0..200 {
-            let d = retry_delay(&r, 2).as_secs_f64();
-            assert!((12.0..=18.0).contains(&d), "{d}");
-        }
-    }
 }

@@ -48,7 +48,7 @@ pub trait GroupWrite: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<Vec<Self::Response>>> + Send;
 }
 
-struct Pending<W: GroupWrite> {
+struct QueuedRequest<W: GroupWrite> {
     request: W::Request,
     reply: oneshot::Sender<Result<W::Response, String>>,
 }
@@ -56,7 +56,7 @@ struct Pending<W: GroupWrite> {
 /// The handle requests are submitted through. Its writer task ends when the last
 /// handle is dropped.
 pub struct Grouped<W: GroupWrite> {
-    sender: mpsc::Sender<Pending<W>>,
+    sender: mpsc::Sender<QueuedRequest<W>>,
 }
 
 impl<W: GroupWrite> Clone for Grouped<W> {
@@ -70,7 +70,7 @@ impl<W: GroupWrite> Clone for Grouped<W> {
 impl<W: GroupWrite> Grouped<W> {
     /// Starts the writer task; a group holds at most `max_group` requests. (One writer
     /// per kind: two halved the groups and cost more database CPU than their shorter
-    /// waits saved; measured, 1,494 → 1,284 invites/s.)
+    /// waits saved; see docs/performance.md.)
     pub fn start(writer: W, max_group: usize) -> Self {
         let (sender, receiver) = mpsc::channel(max_group.max(1) * 8);
         tokio::spawn(write_groups(writer, max_group.max(1), receiver));
@@ -81,7 +81,7 @@ impl<W: GroupWrite> Grouped<W> {
     pub async fn submit(&self, request: W::Request) -> anyhow::Result<W::Response> {
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send(Pending { request, reply })
+            .send(QueuedRequest { request, reply })
             .await
             .map_err(|_| anyhow::anyhow!("the {} writer has stopped", W::NAME))?;
         answer
@@ -95,7 +95,7 @@ impl<W: GroupWrite> Grouped<W> {
 async fn write_groups<W: GroupWrite>(
     writer: W,
     max_group: usize,
-    mut receiver: mpsc::Receiver<Pending<W>>,
+    mut receiver: mpsc::Receiver<QueuedRequest<W>>,
 ) {
     let mut conn = None;
     let mut pending = Vec::with_capacity(max_group);
@@ -110,8 +110,8 @@ async fn write_groups<W: GroupWrite>(
             }
         }
         // Same-key requests side by side, so a split keeps them together.
-        pending.sort_by_key(|p: &Pending<W>| W::key(&p.request));
-        for Pending { request, reply } in pending.drain(..) {
+        pending.sort_by_key(|p: &QueuedRequest<W>| W::key(&p.request));
+        for QueuedRequest { request, reply } in pending.drain(..) {
             requests.push(request);
             replies.push(reply);
         }
@@ -139,7 +139,7 @@ async fn write_group<W: GroupWrite>(
 ) -> Vec<Result<W::Response, String>> {
     let mut failure = None;
     for _ in 0..2 {
-        match attempt(writer, conn, requests).await {
+        match try_write(writer, conn, requests).await {
             Ok(responses) => return responses.into_iter().map(Ok).collect(),
             Err(Failure::Connect(e)) => return failed(requests.len(), &e),
             Err(Failure::Write(e)) => failure = Some(e),
@@ -163,7 +163,7 @@ async fn write_group<W: GroupWrite>(
                 .count(),
         };
         let part = &requests[start..start + len];
-        match attempt(writer, conn, part).await {
+        match try_write(writer, conn, part).await {
             Ok(answers) => results.extend(answers.into_iter().map(Ok)),
             Err(Failure::Write(e)) => results.extend(failed(len, &e)),
             Err(Failure::Connect(e)) => {
@@ -190,7 +190,7 @@ enum Failure {
 /// One write on the writer's connection (opened if need be); after a failure the
 /// connection is dropped, so a broken one is never reused. A panic in the writer is a
 /// failed write, not the end of the writer.
-async fn attempt<W: GroupWrite>(
+async fn try_write<W: GroupWrite>(
     writer: &W,
     conn: &mut Option<W::Conn>,
     requests: &[W::Request],

@@ -25,7 +25,7 @@ use crate::{
     config::Settings,
     db::{
         self,
-        delivery::{self as sql, LockedItem, PrepareRequest, PrepareRow},
+        delivery::{self as sql, PrepareDecision, PrepareRequest, PrepareRow, PreparedItem},
     },
     domain::{states::ItemReason, token::LinkToken},
     queue::group::GroupWrite,
@@ -45,16 +45,16 @@ pub enum Prepared {
     NothingToDo,
     /// The same task is in this group twice (it ran twice); the other run acts, and
     /// finishes the task.
-    Duplicate,
+    SameTaskTwice,
     /// The item ends without a send; the recorder writes the ending.
     NotSent {
-        item: Box<LockedItem>,
+        item: Box<PreparedItem>,
         reason: ItemReason,
         detail: Option<String>,
     },
     /// Send it now: the invitation exists and the attempt is counted.
     Send {
-        item: Box<LockedItem>,
+        item: Box<PreparedItem>,
         invitation_id: Uuid,
         attempt: i32,
     },
@@ -93,12 +93,12 @@ impl GroupWrite for Preparer {
         let requests: Vec<PrepareRequest<'_>> = group
             .iter()
             .map(|p| {
-                let mint_id = Uuid::now_v7();
+                let new_invitation_id = Uuid::now_v7();
                 PrepareRequest {
                     item: p.item_id,
                     task_id: &p.task_id,
-                    mint_id,
-                    token_hash: LinkToken::derive(secret, mint_id).hash(),
+                    new_invitation_id,
+                    token_hash: LinkToken::derive(secret, new_invitation_id).hash(),
                 }
             })
             .collect();
@@ -122,20 +122,20 @@ impl GroupWrite for Preparer {
 
 /// One row of `prepare_items` as what the task does next.
 fn prepared(row: PrepareRow) -> anyhow::Result<Prepared> {
-    let not_sent = |item: Option<LockedItem>, reason, detail| -> anyhow::Result<Prepared> {
+    let not_sent = |item: Option<PreparedItem>, reason, detail| -> anyhow::Result<Prepared> {
         Ok(Prepared::NotSent {
             item: Box::new(item.ok_or_else(|| anyhow::anyhow!("prepare_items: no item"))?),
             reason,
             detail,
         })
     };
-    match row.decision.as_str() {
-        "nothing" => Ok(Prepared::NothingToDo),
-        "duplicate" => Ok(Prepared::Duplicate),
-        "job_closed" => not_sent(row.item, ItemReason::JobClosed, None),
-        "invalid_email" => not_sent(row.item, ItemReason::InvalidEmail, row.detail),
-        "already_invited" => not_sent(row.item, ItemReason::AlreadyInvited, None),
-        "send" => match (row.item, row.invitation_id, row.attempts) {
+    match row.decision {
+        PrepareDecision::Nothing => Ok(Prepared::NothingToDo),
+        PrepareDecision::SameTaskTwice => Ok(Prepared::SameTaskTwice),
+        PrepareDecision::JobClosed => not_sent(row.item, ItemReason::JobClosed, None),
+        PrepareDecision::InvalidEmail => not_sent(row.item, ItemReason::InvalidEmail, row.detail),
+        PrepareDecision::AlreadyInvited => not_sent(row.item, ItemReason::AlreadyInvited, None),
+        PrepareDecision::Send => match (row.item, row.invitation_id, row.attempts) {
             (Some(item), Some(invitation_id), Some(attempt)) => Ok(Prepared::Send {
                 item: Box::new(item),
                 invitation_id,
@@ -143,6 +143,5 @@ fn prepared(row: PrepareRow) -> anyhow::Result<Prepared> {
             }),
             _ => anyhow::bail!("prepare_items: a send without its invitation"),
         },
-        other => anyhow::bail!("prepare_items: unknown decision {other:?}"),
     }
 }

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire, PgPool, Postgres, pool::PoolConnection};
 use uuid::Uuid;
@@ -23,22 +24,37 @@ use crate::{
     config::RetrySettings,
     db::{
         self,
-        batches::Warning,
-        delivery::{self as sql, LockedItem, Record},
+        delivery::PreparedItem,
+        tasks::{self, NewTask, OutcomeRecord},
     },
     domain::{
         email::mask,
-        states::{ItemReason, ItemStatus},
+        ids::new_task_id,
+        states::{ItemReason, ItemStatus, WarningCode},
+        warning::Warning,
     },
     mail::SendError,
-    queue::{self, NewTask, deliver::Delivery, deliver::retry_delay, group::GroupWrite},
+    queue::group::GroupWrite,
 };
+
+/// What recording one attempt's outcome did with its item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The mail server accepted the message.
+    Sent,
+    /// The item ended without a send (`already_invited`, `job_closed`, …) or failed.
+    Ended(ItemReason),
+    /// A transient failure; the next attempt is queued to run after `delay`.
+    RetryScheduled { attempt: i32, delay: Duration },
+    /// Nothing to do: the item is terminal already, belongs to a newer task, or is gone.
+    NothingToDo,
+}
 
 /// What one attempt ended in, to be recorded.
 #[derive(Debug)]
 pub struct Outcome {
     /// The item as phase 1 read it, under its lock.
-    pub item: Box<LockedItem>,
+    pub item: Box<PreparedItem>,
     /// The task that made the attempt: if the item names another one now, or is no
     /// longer pending, the outcome is stale (cancelled while the message was on its
     /// way) and is dropped.
@@ -109,7 +125,7 @@ impl GroupWrite for Recorder {
                     .then(|| decide(o, &self.retry))
             })
             .collect();
-        let records: Vec<Record<'_>> = outcomes
+        let records: Vec<OutcomeRecord<'_>> = outcomes
             .iter()
             .zip(&decisions)
             .filter_map(|(o, d)| d.as_ref().map(|d| d.record(o)))
@@ -131,10 +147,10 @@ impl GroupWrite for Recorder {
             .collect();
 
         let applied: HashSet<(Uuid, String)> = if retries.is_empty() {
-            sql::record(conn, &records, &tasks).await?
+            tasks::record_outcomes(conn, &records, &tasks).await?
         } else {
             let mut tx = conn.begin().await?;
-            let applied = sql::record(&mut tx, &records, &tasks).await?;
+            let applied = tasks::record_outcomes(&mut tx, &records, &tasks).await?;
             let due: Vec<NewTask<'_>> = retries
                 .into_iter()
                 .filter(|(task, new)| {
@@ -145,7 +161,7 @@ impl GroupWrite for Recorder {
                 .map(|(_, new)| new)
                 .collect();
             if !due.is_empty() {
-                queue::push(&mut tx, &due).await?;
+                tasks::push(&mut tx, &due).await?;
             }
             tx.commit().await?;
             applied
@@ -190,8 +206,8 @@ struct Decision {
 }
 
 impl Decision {
-    fn record<'a>(&'a self, outcome: &'a Outcome) -> Record<'a> {
-        Record {
+    fn record<'a>(&'a self, outcome: &'a Outcome) -> OutcomeRecord<'a> {
+        OutcomeRecord {
             item: outcome.item.id,
             task_id: &outcome.task_id,
             status: self.status,
@@ -249,7 +265,7 @@ fn decide(outcome: &Outcome, retry: &RetrySettings) -> Decision {
                 status: ItemStatus::Pending,
                 reason: None,
                 last_error: Some(detail.clone()),
-                retry: Some((queue::new_task_id(), run_at, delay)),
+                retry: Some((new_task_id(), run_at, delay)),
                 warning: None,
                 delivery: Delivery::RetryScheduled {
                     attempt: outcome.attempt,
@@ -261,10 +277,10 @@ fn decide(outcome: &Outcome, retry: &RetrySettings) -> Decision {
 }
 
 /// The batch warning for a candidate skipped as already invited, as JSON.
-fn already_invited(item: &LockedItem) -> String {
+fn already_invited(item: &PreparedItem) -> String {
     let warning = Warning {
         candidate_id: item.candidate_id.clone(),
-        code: ItemReason::AlreadyInvited.as_str().to_owned(),
+        code: WarningCode::AlreadyInvited,
         message: format!(
             "{} already holds a live invitation for {}; skipped (on_duplicate: skip)",
             item.candidate_id, item.job_id
@@ -273,34 +289,87 @@ fn already_invited(item: &LockedItem) -> String {
     serde_json::to_string(&warning).unwrap_or_default()
 }
 
+/// Logs an outcome (the address masked; with the item's batch and the id of the request
+/// that created it) and counts it in the metrics.
 fn log(outcome: &Outcome, result: &Delivery) {
     let item = &outcome.item;
     let to = mask(&item.email);
+    let request_id = item.request_id.as_deref().unwrap_or_default();
     match (result, &outcome.result) {
         (Delivery::Sent, _) => {
             metrics::counter!("invites_sent_total").increment(1);
-            tracing::info!(item = %item.id, batch = %item.batch_id, %to, attempt = outcome.attempt, "sent");
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id, %to,
+                attempt = outcome.attempt, "sent");
         }
         (Delivery::RetryScheduled { delay, .. }, Attempted::Sent(Err(e))) => {
             metrics::counter!("invite_send_retries_total").increment(1);
-            tracing::warn!(item = %item.id, %to, attempt = outcome.attempt,
+            tracing::warn!(item = %item.id, batch = %item.batch_id, request_id, %to,
+                attempt = outcome.attempt,
                 delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 error = %e.detail(), "send failed; retry scheduled");
         }
         (Delivery::Ended(reason), Attempted::Sent(Err(e))) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
-            tracing::info!(item = %item.id, batch = %item.batch_id, %to, status = %reason.status(),
-                reason = %reason, detail = %e.detail(), "item failed");
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id, %to,
+                status = %reason.status(), reason = %reason, detail = %e.detail(), "item failed");
         }
         (Delivery::Ended(reason), Attempted::NotSent { detail, .. }) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
-            tracing::info!(item = %item.id, batch = %item.batch_id, %to, status = %reason.status(),
-                reason = %reason, detail = detail.as_deref().unwrap_or(""),
-                "item ended without a send");
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id, %to,
+                status = %reason.status(), reason = %reason,
+                detail = detail.as_deref().unwrap_or(""), "item ended without a send");
         }
         (Delivery::NothingToDo, _) => {
-            tracing::info!(item = %item.id, "item ended (cancelled) while its message was on its way");
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id,
+                "outcome not recorded: the item was cancelled or taken by another task meanwhile");
         }
         _ => {}
+    }
+}
+
+/// The wait before attempt `attempt + 1`: exponential from `initial_delay_ms` by
+/// `multiplier`, capped at `max_delay_ms` (backon's schedule), then spread by
+/// ±`jitter` so a burst of failures does not come back as a burst.
+pub fn retry_delay(retry: &RetrySettings, attempt: i32) -> Duration {
+    let nominal = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(retry.initial_delay_ms))
+        .with_max_delay(Duration::from_millis(retry.max_delay_ms))
+        .with_factor(retry.multiplier as f32)
+        .without_max_times()
+        .build()
+        .nth(usize::try_from(attempt.max(1) - 1).unwrap_or(0))
+        .unwrap_or(Duration::from_millis(retry.max_delay_ms));
+    let spread = 1.0 + retry.jitter * (rand::random::<f64>() * 2.0 - 1.0);
+    nominal.mul_f64(spread.max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(jitter: f64) -> RetrySettings {
+        RetrySettings {
+            max_attempts: 8,
+            initial_delay_ms: 5_000,
+            max_delay_ms: 900_000,
+            multiplier: 3.0,
+            jitter,
+        }
+    }
+
+    #[test]
+    fn delays_grow_by_the_multiplier_up_to_the_cap() {
+        let r = retry(0.0);
+        let secs: Vec<u64> = (1..=8).map(|a| retry_delay(&r, a).as_secs()).collect();
+        assert_eq!(secs, vec![5, 15, 45, 135, 405, 900, 900, 900]);
+    }
+
+    #[test]
+    fn jitter_stays_within_its_band() {
+        let r = retry(0.2);
+        for _ in 0..200 {
+            let d = retry_delay(&r, 2).as_secs_f64();
+            assert!((12.0..=18.0).contains(&d), "{d}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Worker assembly: apalis-postgres workers that run send-invite tasks, woken by
 //! LISTEN/NOTIFY for new tasks and by an interval poll for retries that come due.
 //!
-//! Traps of apalis 1.0 handled here (see `shared/notes/apalis-1.0.md`):
+//! Traps of apalis 1.0 handled here (see docs/architecture.md):
 //! - any database error ends a worker: a supervisor loop starts a new one after a
 //!   backoff, under a **new name** (a restarted worker with the old name would leave
 //!   the dead one's tasks `Running` for good);
@@ -13,12 +13,11 @@
 //!
 //! Tasks are finished by this crate, not by apalis' acks (`persist_results(false)`,
 //! `lock_tasks(false)`): the recorder marks a task `Done` in the transaction that
-//! records its outcome, and [`super::end_task`] ends the others (nothing to do,
+//! records its outcome, and `db::tasks::finish_task` ends the others (nothing to do,
 //! undecodable, a database fault). apalis' ack and lock updates cost a transaction per
-//! fetch; its ack query reads every index entry a worker's name ever had (live or
-//! dead: 20,000–40,000 per ack in the benchmark) and it stalls dispatch while it runs.
-//! If a task's end cannot be written, maintenance releases it after a while
-//! ([`super::maintenance`]).
+//! fetch; its ack query reads every index entry a worker's name ever had, live or
+//! dead, and it stalls dispatch while it runs. If a task's end cannot be written,
+//! maintenance rescues it after a while ([`super::maintenance`]).
 
 use std::{
     pin::Pin,
@@ -35,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
-    queue::{QUEUE, SendInvite, TaskEnd, deliver::Deliverer},
+    db::tasks::{QUEUE, SendInvite, TaskEnd},
+    queue::deliver::Deliverer,
 };
 
 /// Hands task payloads to the handler as the stored bytes. apalis decodes payloads
@@ -69,7 +69,7 @@ async fn send_invite(
         Err(e) => {
             tracing::error!(%task, error = %e, "undecodable send-invite task: killed");
             let why = format!("undecodable payload: {e}");
-            deliverer.end_task(&task, TaskEnd::Killed(&why)).await;
+            deliverer.finish_task(&task, TaskEnd::Killed(&why)).await;
             return Err(Box::new(AbortError::new(e)));
         }
     };
@@ -80,7 +80,7 @@ async fn send_invite(
             // A database fault: the task runs again shortly (up to its max_attempts).
             tracing::error!(%task, item = %payload.item_id, error = %format!("{e:#}"), "task failed");
             deliverer
-                .end_task(&task, TaskEnd::Failed(&format!("{e:#}")))
+                .finish_task(&task, TaskEnd::Failed(&format!("{e:#}")))
                 .await;
             Err(e.into())
         }
@@ -89,8 +89,8 @@ async fn send_invite(
 
 /// How many tasks a worker claims per fetch: twice the tasks it runs at once, so the
 /// next ones are at hand when a slot frees and a fetch interrupts dispatch half as
-/// often (measured: 2,877 → 2,974 invites/s). The extra tasks wait `Queued` under the
-/// worker's name; a shutdown puts them back.
+/// often. The extra tasks wait `Queued` under the worker's name; a shutdown puts them
+/// back.
 pub fn fetch_size(concurrency: usize) -> usize {
     concurrency.saturating_mul(2)
 }
@@ -130,7 +130,7 @@ pub async fn run(
     let cancelled = shutdown.clone();
     let cancelled = cancelled.cancelled();
     tokio::pin!(cancelled);
-    let workers = supervise(deliverer.clone(), settings, shutdown);
+    let workers = run_with_restarts(deliverer.clone(), settings, shutdown);
     tokio::pin!(workers);
     let mut deadline = None;
     let result = loop {
@@ -144,7 +144,7 @@ pub async fn run(
     let left = deadline.map_or(timeout, |d| {
         d.saturating_duration_since(tokio::time::Instant::now())
     });
-    if !deliverer.settle(left).await {
+    if !deliverer.wait_for_outcomes(left).await {
         tracing::warn!(
             timeout_secs = timeout.as_secs(),
             "shutdown timeout: some outcomes are not written; their tasks will run again"
@@ -153,8 +153,9 @@ pub async fn run(
     result
 }
 
-/// Runs one apalis worker after another (see the module notes) until `shutdown`.
-async fn supervise(
+/// Runs one apalis worker after another, each under a new name, restarting after a
+/// backoff when one fails (see the module notes), until `shutdown`.
+async fn run_with_restarts(
     deliverer: Arc<Deliverer>,
     settings: &Settings,
     shutdown: CancellationToken,
@@ -190,9 +191,9 @@ async fn supervise(
             .with_codec(RawPayload)
             .poll_with_strategy(
                 Strategy::new()
-                    .stream(Echoed::new(
+                    .stream(RepeatWake::new(
                         Pubsub::new(pool.clone(), QUEUE.to_owned()),
-                        WAKE_ECHO,
+                        REPEAT_WAKE_AFTER,
                     ))
                     .interval(poll),
             );
@@ -251,7 +252,7 @@ async fn supervise(
 }
 
 /// How long after a new-task notification the worker is woken once more.
-const WAKE_ECHO: Duration = Duration::from_millis(20);
+const REPEAT_WAKE_AFTER: Duration = Duration::from_millis(20);
 
 /// A wake-up stream that repeats its latest wake-up once, `delay` later.
 ///
@@ -259,25 +260,25 @@ const WAKE_ECHO: Duration = Duration::from_millis(20);
 /// notification that arrives while a fetch is under way is used up by that fetch, which
 /// may have started before the new tasks were committed and so return nothing: the
 /// worker then sleeps until the next poll (`worker.poll_interval_ms`) with tasks
-/// waiting. Measured: about one batch in a few took the 500 ms poll to start. The echo
-/// starts one more fetch after the one under way has ended.
-pub struct Echoed<S> {
+/// waiting. The repeated wake-up starts one more fetch after the one under way has
+/// ended.
+pub(crate) struct RepeatWake<S> {
     inner: S,
     delay: Duration,
-    echo: Option<Pin<Box<tokio::time::Sleep>>>,
+    repeat: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<S> Echoed<S> {
-    pub fn new(inner: S, delay: Duration) -> Self {
+impl<S> RepeatWake<S> {
+    pub(crate) fn new(inner: S, delay: Duration) -> Self {
         Self {
             inner,
             delay,
-            echo: None,
+            repeat: None,
         }
     }
 }
 
-impl<S: Stream + Unpin> Stream for Echoed<S> {
+impl<S: Stream + Unpin> Stream for RepeatWake<S> {
     type Item = ();
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
@@ -285,15 +286,15 @@ impl<S: Stream + Unpin> Stream for Echoed<S> {
         match this.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(_)) => {
                 // (Re)armed, and polled once so that it wakes this task when due.
-                let mut echo = Box::pin(tokio::time::sleep(this.delay));
-                let _ = echo.as_mut().poll(cx);
-                this.echo = Some(echo);
+                let mut repeat = Box::pin(tokio::time::sleep(this.delay));
+                let _ = repeat.as_mut().poll(cx);
+                this.repeat = Some(repeat);
                 Poll::Ready(Some(()))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.echo.as_mut().map(|echo| echo.as_mut().poll(cx)) {
+            Poll::Pending => match this.repeat.as_mut().map(|repeat| repeat.as_mut().poll(cx)) {
                 Some(Poll::Ready(())) => {
-                    this.echo = None;
+                    this.repeat = None;
                     Poll::Ready(Some(()))
                 }
                 _ => Poll::Pending,
@@ -311,24 +312,24 @@ mod tests {
 
     /// In paused (virtual) time: nothing here waits for a real clock.
     #[tokio::test(start_paused = true)]
-    async fn a_wake_up_comes_again_once_after_the_delay_and_a_burst_echoes_once() {
+    async fn a_wake_up_comes_again_once_after_the_delay_and_a_burst_repeats_once() {
         let (wake, wake_ups) = mpsc::unbounded::<u8>();
-        let mut stream = Echoed::new(wake_ups, Duration::from_millis(20));
+        let mut stream = RepeatWake::new(wake_ups, Duration::from_millis(20));
 
         wake.unbounded_send(1).expect("send");
         let start = Instant::now();
         assert_eq!(stream.next().await, Some(()), "the wake-up itself");
         assert_eq!(start.elapsed(), Duration::ZERO);
-        assert_eq!(stream.next().await, Some(()), "its echo");
+        assert_eq!(stream.next().await, Some(()), "its repeat");
         assert_eq!(start.elapsed(), Duration::from_millis(20));
         assert!(
             timeout(Duration::from_secs(60), stream.next())
                 .await
                 .is_err(),
-            "one echo, not a ticker"
+            "one repeat, not a ticker"
         );
 
-        // Three at once: each passes through, and the echo follows the last.
+        // Three at once: each passes through, and the repeat follows the last.
         for n in 0..3 {
             wake.unbounded_send(n).expect("send");
         }

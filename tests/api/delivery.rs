@@ -487,7 +487,7 @@ async fn closing_the_job_mid_batch_skips_its_unsent_items_as_job_closed_and_send
                (SELECT i.id FROM batch_items i WHERE i.batch_id = $1)",
     )
     .bind(batch_uuid)
-    .bind(invite_worker::queue::QUEUE)
+    .bind(invite_worker::db::tasks::QUEUE)
     .fetch_one(&app.pool)
     .await
     .expect("the earliest scheduled retry");

@@ -286,7 +286,7 @@ impl TestApp {
                    (SELECT i.id FROM batch_items i WHERE i.batch_id = $1)",
         )
         .bind(id)
-        .bind(invite_worker::queue::QUEUE)
+        .bind(invite_worker::db::tasks::QUEUE)
         .fetch_one(&self.pool)
         .await
         .expect("count live tasks")
@@ -412,7 +412,7 @@ impl TestApp {
              GROUP BY j.status",
         )
         .bind(id)
-        .bind(invite_worker::queue::QUEUE)
+        .bind(invite_worker::db::tasks::QUEUE)
         .fetch_all(&self.pool)
         .await
         .expect("count tasks per status");

@@ -2,7 +2,10 @@
 
 use std::collections::HashSet;
 
-use invite_worker::queue::{self, NewTask};
+use invite_worker::{
+    db::tasks::{self, NewTask},
+    domain::ids::new_task_id,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -82,8 +85,8 @@ async fn a_batch_of_100_with_6_invalid_addresses_ends_94_sent_6_failed() {
 }
 
 /// The enqueue writes its queue tasks itself, in the statement that writes the items
-/// (`db::batches::insert`); they must be the rows apalis-postgres' own push writes
-/// (`queue::push`, used for retries), or workers would treat them differently.
+/// (`db::tasks::create_batch`); they must be the rows apalis-postgres' own push writes
+/// (`db::tasks::push`, used for retries), or workers would treat them differently.
 #[tokio::test]
 async fn an_enqueued_task_is_the_row_that_apalis_push_writes() {
     type Shape = (
@@ -114,13 +117,13 @@ async fn an_enqueued_task_is_the_row_that_apalis_push_writes() {
     assert_eq!(items.len(), 3);
 
     let mut tx = app.pool.begin().await.expect("begin");
-    let pushed_id = queue::new_task_id();
+    let pushed_id = new_task_id();
     let pushed = NewTask {
         task_id: &pushed_id,
         item_id: items[0].0,
         run_after: None,
     };
-    queue::push(&mut tx, &[pushed]).await.expect("apalis push");
+    tasks::push(&mut tx, &[pushed]).await.expect("apalis push");
     let by_apalis: Shape = sqlx::query_as(SHAPE)
         .bind(&pushed_id)
         .fetch_one(&mut *tx)
@@ -140,7 +143,7 @@ async fn an_enqueued_task_is_the_row_that_apalis_push_writes() {
             .expect("payload");
         assert_eq!(
             payload,
-            queue::payload(*item).expect("encodes"),
+            tasks::payload(*item).expect("encodes"),
             "task {task}"
         );
     }

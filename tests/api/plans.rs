@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use invite_worker::db::{self, delivery::RECORD};
+use invite_worker::db::{self, tasks::RECORD_OUTCOMES};
 use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::{Layer, layer::SubscriberExt};
@@ -63,7 +63,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
     let statements = [(
         "record",
         "uuid[], text[], text[], text[], text[], text[], timestamptz[], text[], text[]",
-        RECORD,
+        RECORD_OUTCOMES,
     )];
     for (name, types, sql) in statements {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

@@ -102,7 +102,7 @@ async fn invitation_status(app: &TestApp, id: &str) -> String {
 // 1 ------------------------------------------------------------------------------------
 
 /// A create decides its warnings in the statement that writes the batch
-/// (`db::batches::insert`), a preview in the application: the same request gets the
+/// (`db::tasks::create_batch`), a preview in the application: the same request gets the
 /// same warnings, in candidate order, from both, and keeps them.
 #[tokio::test]
 async fn a_created_batch_has_exactly_the_warnings_its_preview_showed() {

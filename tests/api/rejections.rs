@@ -359,7 +359,7 @@ fn parse_time(v: &Value) -> chrono::DateTime<chrono::Utc> {
 }
 
 /// The job is checked as the batch is written, under a lock on its row
-/// (`db::batches::insert`, one statement): a close that commits while the statement
+/// (`db::tasks::create_batch`, one statement): a close that commits while the statement
 /// waits for the row answers 409 and writes nothing. The test holds the job row while
 /// the request runs, closes the job and lets go.
 #[tokio::test]
@@ -383,7 +383,7 @@ async fn a_job_closed_while_its_batch_is_being_written_gets_409_and_leaves_no_tr
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
                   WHERE datname = current_database() AND wait_event_type = 'Lock'
-                    AND query LIKE 'WITH job AS%'",
+                    AND query LIKE '%WITH job AS (%'",
             )
             .fetch_one(&app.pool)
             .await

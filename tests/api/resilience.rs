@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use apalis_core::task::builder::TaskBuilder;
-use invite_worker::queue::QUEUE;
+use invite_worker::db::tasks::QUEUE;
 use smtp_testkit::Step;
 
 use crate::helpers::{TestApp, candidates, spawn_app, spawn_app_with};

@@ -31,7 +31,7 @@ async fn unfinished_tasks(app: &TestApp, batch_id: &str) -> Vec<(String, String,
                (SELECT i.id FROM batch_items i WHERE i.batch_id = $1)",
     )
     .bind(id)
-    .bind(invite_worker::queue::QUEUE)
+    .bind(invite_worker::db::tasks::QUEUE)
     .fetch_all(&app.pool)
     .await
     .expect("the batch's unfinished tasks")

@@ -1,0 +1,74 @@
+-- Phase 3 for a group of outcomes (see db::tasks::record_outcomes): each item still
+-- pending under its task moves (locked in id order), its invitation too (sent: the
+-- expiry starts now; ended otherwise: revoked), each batch's tally and warnings (batch
+-- rows locked in id order, after every item), and every task of the group ($9) is
+-- marked Done. Every table is reached through an index condition on keys given or
+-- computed first.
+--
+-- $1..$8 per outcome: item id, task id, status, reason, last error, retry's new task id,
+-- retry's run_at, warning (JSON).
+WITH t AS (
+   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::text[], $7::timestamptz[], $8::text[])
+       AS t(id, task_id, status, reason, last_error, new_task_id, run_at, warning)),
+locked AS MATERIALIZED (
+   SELECT id, status, task_id FROM batch_items
+    WHERE id = ANY($1)
+    ORDER BY id
+      FOR NO KEY UPDATE),
+applied AS (
+   UPDATE batch_items i
+      SET status = t.status, reason = t.reason,
+          last_error = coalesce(t.last_error, i.last_error),
+          task_id = coalesce(t.new_task_id, i.task_id), next_attempt_at = t.run_at,
+          sending_at = NULL, updated_at = now(),
+          sent_at = CASE WHEN t.status = 'sent' THEN now() ELSE i.sent_at END
+     FROM t
+     JOIN locked l ON l.id = t.id
+    WHERE i.id = ANY($1) AND i.id = t.id
+      AND l.status = 'pending' AND l.task_id = t.task_id
+   RETURNING i.id, t.task_id, i.batch_id, i.invitation_id, t.status, t.warning),
+sent_invitations AS (
+   UPDATE invitations v
+      SET sent_at = now(), expires_at = now() + (v.expires_at - v.created_at)
+    WHERE v.id = ANY(ARRAY(SELECT invitation_id FROM applied WHERE status = 'sent'))),
+revoked_invitations AS (
+   UPDATE invitations v SET status = 'REVOKED', revoked_at = now()
+    WHERE v.id = ANY(ARRAY(SELECT invitation_id FROM applied
+                            WHERE status IN ('failed', 'skipped')))
+      AND v.status = 'PENDING'),
+counts AS (
+   SELECT batch_id,
+          count(*) FILTER (WHERE status = 'sent')::int AS sent,
+          count(*) FILTER (WHERE status = 'failed')::int AS failed,
+          count(*) FILTER (WHERE status = 'skipped')::int AS skipped,
+          coalesce(jsonb_agg(warning::jsonb) FILTER (WHERE warning IS NOT NULL),
+                   '[]'::jsonb) AS warnings
+     FROM applied
+    GROUP BY batch_id),
+locked_batches AS MATERIALIZED (
+   SELECT id FROM batches WHERE id = ANY(ARRAY(SELECT batch_id FROM counts))
+    ORDER BY id
+      FOR NO KEY UPDATE),
+tally AS (
+   UPDATE batches b
+      SET pending = b.pending - (c.sent + c.failed + c.skipped),
+          sent = b.sent + c.sent, failed = b.failed + c.failed,
+          skipped = b.skipped + c.skipped,
+          status = CASE WHEN b.pending = c.sent + c.failed + c.skipped
+                        THEN 'completed' ELSE 'running' END,
+          completed_at = CASE WHEN b.pending = c.sent + c.failed + c.skipped
+                              THEN now() ELSE NULL END,
+          warnings = b.warnings || (
+              SELECT coalesce(jsonb_agg(w), '[]'::jsonb)
+                FROM jsonb_array_elements(c.warnings) AS w
+               WHERE NOT b.warnings @> jsonb_build_array(jsonb_build_object(
+                         'candidate_id', w -> 'candidate_id', 'code', w -> 'code')))
+     FROM counts c
+    WHERE b.id = ANY(ARRAY(SELECT id FROM locked_batches)) AND b.id = c.batch_id),
+finished AS (
+   UPDATE apalis.jobs
+      SET status = 'Done', done_at = now(), lock_by = NULL,
+          attempts = attempts + 1, last_result = '{"Ok":null}'
+    WHERE id = ANY($9) AND status IN ('Pending', 'Queued', 'Running'))
+SELECT id, task_id FROM applied

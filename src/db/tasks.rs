@@ -1,0 +1,315 @@
+//! The queue's table, `apalis.jobs`: every statement that reads or writes it is here, so
+//! an upgrade of apalis (pinned exactly) has one module to check.
+//!
+//! apalis-postgres owns the table and runs the fetch, heartbeat and orphan-recovery
+//! queries itself. This crate writes tasks in apalis' own format and finishes them:
+//! - a new batch's tasks are written by the statement that writes the batch
+//!   ([`create_batch`]), a retry's with apalis' own push ([`push`]);
+//! - a task is marked `Done` by the statement that records its outcome
+//!   ([`record_outcomes`]), or ended by [`finish_task`] (apalis' acks are off: see
+//!   `queue::worker`);
+//! - maintenance gives stranded items a new task, rescues tasks taken long ago and never
+//!   finished, and deletes finished tasks (apalis never does).
+
+use std::time::Duration;
+
+use apalis_core::task::{builder::TaskBuilder, task_id::TaskId};
+use apalis_postgres::PgTask;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{FromRow, PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::{
+    db::batches::{BatchRow, NewBatch},
+    domain::{
+        ids::new_task_id,
+        states::{ItemReason, ItemStatus},
+    },
+};
+
+/// The apalis queue (`apalis.jobs.job_type`) that send-invite tasks live in.
+pub const QUEUE: &str = "invite-worker::send-invite";
+
+/// How many times apalis itself runs a task again after its handler returned an error
+/// (a database fault; a mail server's transient failure is retried by a new task).
+pub(crate) const TASK_MAX_ATTEMPTS: usize = 10;
+
+/// The payload of a send-invite task: ids only; the handler reloads everything else.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SendInvite {
+    pub item_id: Uuid,
+}
+
+/// A send-invite task's stored payload (`apalis.jobs.job`).
+pub fn payload(item_id: Uuid) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&SendInvite { item_id })
+}
+
+/// A task to push: which item, under which task id, and how long from now.
+pub struct NewTask<'a> {
+    pub task_id: &'a str,
+    pub item_id: Uuid,
+    pub run_after: Option<Duration>,
+}
+
+/// Pushes send-invite tasks on `conn` (normally an open transaction, so the tasks exist
+/// exactly when the rows that need them do) with apalis-postgres' own push: one INSERT
+/// for all of them.
+pub async fn push(conn: &mut PgConnection, tasks: &[NewTask<'_>]) -> anyhow::Result<()> {
+    let mut built: Vec<PgTask> = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let payload = payload(t.item_id)?;
+        let id = ulid::Ulid::from_string(t.task_id)?;
+        let mut builder = TaskBuilder::new(payload)
+            .task_id(TaskId::from_ulid(id))
+            .max_attempts(TASK_MAX_ATTEMPTS);
+        if let Some(delay) = t.run_after {
+            builder = builder.run_after(delay);
+        }
+        built.push(builder.build());
+    }
+    apalis_postgres::queries::push_tasks(conn, QUEUE, built).await?;
+    Ok(())
+}
+
+/// How a task ended that no outcome finished (see [`record_outcomes`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TaskEnd<'a> {
+    /// Nothing to do (its item was terminal, or another task's).
+    Done,
+    /// Undecodable: never run again.
+    Killed(&'a str),
+    /// A database fault: apalis runs it again after `attempts` seconds, up to the task's
+    /// `max_attempts` (then maintenance gives the item a new task).
+    Failed(&'a str),
+}
+
+/// Writes how a task ended, in place of apalis' own ack. Only a task still taken changes.
+pub(crate) async fn finish_task(
+    conn: &mut PgConnection,
+    task_id: &str,
+    end: TaskEnd<'_>,
+) -> sqlx::Result<()> {
+    let (status, result) = match end {
+        TaskEnd::Done => ("Done", serde_json::json!({ "Ok": null })),
+        TaskEnd::Killed(why) => ("Killed", serde_json::json!({ "Err": why })),
+        TaskEnd::Failed(why) => ("Failed", serde_json::json!({ "Err": why })),
+    };
+    sqlx::query(include_str!("sql/finish_task.sql"))
+        .bind(task_id)
+        .bind(status)
+        .bind(sqlx::types::Json(result))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// What [`create_batch`] did.
+#[derive(Debug)]
+pub(crate) enum Created {
+    Batch(BatchRow),
+    JobNotFound,
+    /// Nothing written.
+    JobClosed,
+}
+
+/// Writes the batch, its items and one queue task per item if the job is open: one
+/// statement (`sql/create_batch.sql`), so all of it or nothing, and (run outside a
+/// transaction) one round trip with its commit. The job row is locked `FOR SHARE`
+/// meanwhile, so a concurrent close waits for the batch or the batch sees the close.
+/// The batch keeps the warnings that apply: each unconditional one, and each
+/// `if_invited` one whose candidate holds a live invitation for the job.
+pub(crate) async fn create_batch(
+    conn: &mut PgConnection,
+    batch: &NewBatch,
+) -> sqlx::Result<Created> {
+    let total = i32::try_from(batch.items.len()).unwrap_or(i32::MAX);
+    let (items, warnings) = (&batch.items, &batch.warnings);
+    let payloads = items
+        .iter()
+        .map(|i| payload(i.id))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let max_attempts = i32::try_from(TASK_MAX_ATTEMPTS).unwrap_or(i32::MAX);
+    let row = sqlx::query(CREATE_BATCH)
+        .bind(batch.id)
+        .bind(&batch.job_id)
+        .bind(batch.duration_minutes)
+        .bind(batch.on_duplicate)
+        .bind(total)
+        .bind(
+            warnings
+                .iter()
+                .map(|w| w.warning.candidate_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(&batch.idempotency_key)
+        .bind(&batch.request_hash)
+        .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|i| i.candidate_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(items.iter().map(|i| i.email.as_str()).collect::<Vec<_>>())
+        .bind(items.iter().map(|i| i.name.as_deref()).collect::<Vec<_>>())
+        .bind(items.iter().map(|i| i.task_id.as_str()).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|i| i.email_error.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(QUEUE)
+        .bind(max_attempts)
+        .bind(payloads)
+        .bind(warnings.iter().map(|w| w.warning.code).collect::<Vec<_>>())
+        .bind(
+            warnings
+                .iter()
+                .map(|w| w.warning.message.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(warnings.iter().map(|w| w.if_invited).collect::<Vec<_>>())
+        .bind(&batch.request_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(Created::JobNotFound);
+    };
+    if row.try_get::<Option<Uuid>, _>("id")?.is_none() {
+        return Ok(Created::JobClosed);
+    }
+    Ok(Created::Batch(BatchRow::from_row(&row)?))
+}
+
+/// The statement of [`create_batch`].
+pub const CREATE_BATCH: &str = include_str!("sql/create_batch.sql");
+
+/// What to write for one item's outcome (phase 3).
+pub(crate) struct OutcomeRecord<'a> {
+    pub item: Uuid,
+    /// The task that made the attempt: the outcome applies only while the item is
+    /// still pending under that task (not cancelled, not handed to another).
+    pub task_id: &'a str,
+    /// The item's new status: `pending` for a retry.
+    pub status: ItemStatus,
+    pub reason: Option<ItemReason>,
+    pub last_error: Option<&'a str>,
+    /// A retry: the item moves to this new task, due at this time.
+    pub retry: Option<(&'a str, DateTime<Utc>)>,
+    /// A warning for the batch, as JSON (`{candidate_id, code, message}`); added unless
+    /// the batch has one with that candidate and code already.
+    pub warning: Option<String>,
+}
+
+/// The statement of [`record_outcomes`].
+pub const RECORD_OUTCOMES: &str = include_str!("sql/record_outcomes.sql");
+
+/// Phase 3 in one statement (`sql/record_outcomes.sql`): moves each item still pending
+/// under its task, the invitations (sent: the expiry starts now; ended otherwise:
+/// revoked), each batch's tally and warnings, and marks `tasks` (every task of the
+/// group) `Done`, so a task is finished exactly when its outcome is written. Returns the
+/// (item, task) pairs whose outcome applied; the others were stale.
+///
+/// Row locks are `FOR NO KEY UPDATE`, items in id order before batches in id order
+/// (see `db::delivery` for why).
+pub(crate) async fn record_outcomes(
+    conn: &mut PgConnection,
+    records: &[OutcomeRecord<'_>],
+    tasks: &[&str],
+) -> sqlx::Result<Vec<(Uuid, String)>> {
+    sqlx::query_as(RECORD_OUTCOMES)
+        .bind(records.iter().map(|r| r.item).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.task_id).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.status).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.reason).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.last_error).collect::<Vec<_>>())
+        .bind(
+            records
+                .iter()
+                .map(|r| r.retry.map(|(t, _)| t))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.retry.map(|(_, at)| at))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.warning.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(tasks)
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// Gives pending items whose own task can no longer run (gone, killed, out of apalis
+/// attempts) a new task, unless a send of theirs may still be on its way (`sending_at`
+/// within `in_flight`); returns how many. At most 1,000 a call.
+pub(crate) async fn requeue_stranded_items(
+    pool: &PgPool,
+    in_flight: Duration,
+) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let stranded: Vec<Uuid> = sqlx::query_scalar(include_str!("sql/requeue_stranded_items.sql"))
+        .bind(in_flight.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
+    if stranded.is_empty() {
+        return Ok(0);
+    }
+    let task_ids: Vec<String> = stranded.iter().map(|_| new_task_id()).collect();
+    sqlx::query(
+        "UPDATE batch_items i SET task_id = t.task_id, sending_at = NULL, updated_at = now()
+           FROM unnest($1::uuid[], $2::text[]) AS t(id, task_id) WHERE i.id = t.id",
+    )
+    .bind(&stranded)
+    .bind(&task_ids)
+    .execute(&mut *tx)
+    .await?;
+    let tasks: Vec<NewTask<'_>> = stranded
+        .iter()
+        .zip(&task_ids)
+        .map(|(item_id, task_id)| NewTask {
+            task_id,
+            item_id: *item_id,
+            run_after: None,
+        })
+        .collect();
+    push(&mut tx, &tasks).await?;
+    tx.commit().await?;
+    Ok(stranded.len())
+}
+
+/// Makes the tasks of pending items that were taken more than `older_than` ago and never
+/// finished runnable again (River calls this rescuing); returns how many.
+pub(crate) async fn rescue_stuck_tasks(pool: &PgPool, older_than: Duration) -> sqlx::Result<u64> {
+    let rescued = sqlx::query(include_str!("sql/rescue_stuck_tasks.sql"))
+        .bind(older_than.as_secs_f64())
+        .execute(pool)
+        .await?;
+    Ok(rescued.rows_affected())
+}
+
+/// Deletes send-invite tasks that finished more than `older_than` ago; returns how many.
+pub(crate) async fn delete_finished_tasks(
+    pool: &PgPool,
+    older_than: Duration,
+) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(DELETE_FINISHED_TASKS)
+        .bind(QUEUE)
+        .bind(older_than.as_secs_f64())
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// The statement of [`delete_finished_tasks`].
+pub const DELETE_FINISHED_TASKS: &str = include_str!("sql/delete_finished_tasks.sql");

@@ -1,0 +1,14 @@
+//! What a person should read about one candidate of a batch.
+
+use serde::{Deserialize, Serialize};
+
+use super::states::WarningCode;
+
+/// A warning on a batch: `already_invited` (the candidate holds a live invitation for
+/// the job) or `invalid_email` (the address cannot be sent to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Warning {
+    pub candidate_id: String,
+    pub code: WarningCode,
+    pub message: String,
+}

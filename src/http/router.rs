@@ -1,0 +1,117 @@
+//! The whole router: the routes, what runs around every request (request id, span,
+//! body limit), bearer authentication, and the answers for unknown routes.
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request, State},
+    http::{Method, header},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post, put},
+};
+use subtle::ConstantTimeEq;
+use tower::ServiceBuilder;
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+
+use super::{
+    batches,
+    error::ApiError,
+    extract::REQUEST_ID,
+    invitations, jobs, openapi, service,
+    state::{AppState, Role},
+};
+
+/// Request bodies above this are refused with 413 before any other work.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// The whole router. `work` processes get only the service routes.
+pub fn router(state: AppState) -> Router {
+    let service = Router::new()
+        .route("/healthz", get(service::healthz))
+        .route("/readyz", get(service::readyz))
+        .route("/metrics", get(service::metrics))
+        .route("/openapi.json", get(openapi::serve));
+    let app = if state.role == Role::Worker {
+        service
+    } else {
+        let v1 = Router::new()
+            .route("/jobs/{job_id}", put(jobs::put_job).get(jobs::get_job))
+            .route("/batches", post(batches::create).get(batches::list))
+            .route("/batches/preview", post(batches::preview))
+            .route("/batches/{id}", get(batches::get))
+            .route("/batches/{id}/retry", post(batches::retry))
+            .route("/batches/{id}/cancel", post(batches::cancel))
+            .route("/batches/{id}/items", get(batches::items))
+            .route("/invitations", get(invitations::list))
+            .route("/invitations/redeem", post(invitations::redeem))
+            .route("/invitations/{id}", get(invitations::get))
+            .route("/invitations/{id}/complete", post(invitations::complete))
+            .route("/invitations/{id}/revoke", post(invitations::revoke))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_bearer,
+            ))
+            .method_not_allowed_fallback(method_not_allowed);
+        service.nest("/v1", v1)
+    };
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+        .with_state(state)
+}
+
+/// The span of one request: its method, its route (the pattern, not the path: ids in a
+/// path are the web app's, and the pattern keeps the log's vocabulary small) and id.
+fn request_span(request: &Request) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(unmatched)", MatchedPath::as_str);
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!("request", method = %request.method(), route, request_id = id)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on this route"))
+}
+
+/// `Authorization: Bearer <key>` with a key from `api.keys`. Every configured key is
+/// compared in constant time, so timing tells nothing about how close a guess was.
+async fn require_bearer(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    let mut ok = subtle::Choice::from(0u8);
+    for key in &state.settings.api.keys {
+        ok |= key.expose().as_bytes().ct_eq(presented.as_bytes());
+    }
+    if presented.is_empty() || !bool::from(ok) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(next.run(request).await)
+}

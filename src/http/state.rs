@@ -1,0 +1,24 @@
+//! What every handler shares, and which parts a process runs.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use crate::config::Settings;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+    /// Which parts this process runs, for `/readyz`.
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// API and workers (`serve`, `demo`).
+    All,
+    Api,
+    Worker,
+}
