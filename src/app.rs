@@ -20,9 +20,9 @@ use crate::{
 pub struct RunningApp {
     pub addr: SocketAddr,
     pub pool: sqlx::PgPool,
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// The router the listener serves, to call in-process (the demo does).
-    pub router: axum::Router,
+    pub(crate) router: axum::Router,
     handle: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -34,7 +34,7 @@ impl RunningApp {
     }
 
     /// Waits until the service stops by itself or `shutdown` is cancelled.
-    pub async fn wait(self) -> anyhow::Result<()> {
+    pub(crate) async fn wait(self) -> anyhow::Result<()> {
         self.handle.await.context("service task panicked")?
     }
 }
@@ -108,7 +108,7 @@ pub async fn start(
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.
-pub fn cancel_on_signal(token: CancellationToken) {
+pub(crate) fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]

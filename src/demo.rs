@@ -48,7 +48,7 @@ const INVALID: [&str; 6] = [
 ];
 
 /// The candidates of the demo batch: 100, every 16th or so with an invalid address.
-pub fn candidates(run: &str) -> Vec<Value> {
+pub(crate) fn candidates(run: &str) -> Vec<Value> {
     (0..100)
         .map(|i| {
             let first = FIRST[i % FIRST.len()];

@@ -5,8 +5,9 @@
 //! with a unique, single-use link, retry transient failures durably with backoff, and
 //! keep the batch tally exact by moving it in the same transaction as each item.
 //!
-//! Dependencies point one way: `http` and `queue` use `db`, `domain` and `mail`;
-//! `domain` depends on nothing of ours.
+//! Dependencies point one way, in layers (docs/architecture.md; `tests/layers.rs`
+//! checks them): `domain` ← `config` ← `db` and `mail` ← `queue` and `http` ← `app` ←
+//! `demo`. `http` does not use `queue` or `mail`; `domain` uses nothing of ours.
 
 pub mod app;
 pub mod cli;

@@ -17,12 +17,12 @@ pub fn init_logging(default: &str) {
 static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide metrics recorder (once; later calls are no-ops).
-pub fn init_metrics() {
+pub(crate) fn init_metrics() {
     METRICS.get_or_init(|| PrometheusBuilder::new().install_recorder().ok());
 }
 
 /// The current metrics in Prometheus text format.
-pub fn render_metrics() -> String {
+pub(crate) fn render_metrics() -> String {
     init_metrics();
     METRICS
         .get()

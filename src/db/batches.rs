@@ -14,59 +14,59 @@ use crate::domain::{
 
 /// A batch row as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct BatchRow {
-    pub id: Uuid,
-    pub job_id: String,
-    pub duration_minutes: i32,
-    pub on_duplicate: OnDuplicate,
-    pub status: BatchStatus,
-    pub total: i32,
-    pub pending: i32,
-    pub sent: i32,
-    pub failed: i32,
-    pub skipped: i32,
-    pub warnings: Json<Vec<Warning>>,
-    pub request_hash: Option<Vec<u8>>,
-    pub created_at: DateTime<Utc>,
-    pub completed_at: Option<DateTime<Utc>>,
-    pub cancelled_at: Option<DateTime<Utc>>,
+pub(crate) struct BatchRow {
+    pub(crate) id: Uuid,
+    pub(crate) job_id: String,
+    pub(crate) duration_minutes: i32,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) status: BatchStatus,
+    pub(crate) total: i32,
+    pub(crate) pending: i32,
+    pub(crate) sent: i32,
+    pub(crate) failed: i32,
+    pub(crate) skipped: i32,
+    pub(crate) warnings: Json<Vec<Warning>>,
+    pub(crate) request_hash: Option<Vec<u8>>,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) completed_at: Option<DateTime<Utc>>,
+    pub(crate) cancelled_at: Option<DateTime<Utc>>,
 }
 
 /// One candidate of a new batch, as the request gave it.
 #[derive(Debug, Clone)]
-pub struct NewItem {
-    pub id: Uuid,
-    pub task_id: String,
-    pub candidate_id: String,
-    pub email: String,
-    pub name: Option<String>,
+pub(crate) struct NewItem {
+    pub(crate) id: Uuid,
+    pub(crate) task_id: String,
+    pub(crate) candidate_id: String,
+    pub(crate) email: String,
+    pub(crate) name: Option<String>,
     /// Why `email` cannot be sent to (the item will fail with `invalid_email`).
-    pub email_error: Option<String>,
+    pub(crate) email_error: Option<String>,
 }
 
 /// A warning for a new batch: always, or (`if_invited`) only if its candidate holds a
 /// live invitation for the job when the batch is written.
 #[derive(Debug, Clone)]
-pub struct NewWarning {
-    pub warning: Warning,
-    pub if_invited: bool,
+pub(crate) struct NewWarning {
+    pub(crate) warning: Warning,
+    pub(crate) if_invited: bool,
 }
 
 #[derive(Debug, Clone)]
-pub struct NewBatch {
-    pub id: Uuid,
-    pub job_id: String,
-    pub duration_minutes: i32,
-    pub on_duplicate: OnDuplicate,
-    pub items: Vec<NewItem>,
-    pub warnings: Vec<NewWarning>,
-    pub idempotency_key: Option<String>,
-    pub request_hash: Option<Vec<u8>>,
+pub(crate) struct NewBatch {
+    pub(crate) id: Uuid,
+    pub(crate) job_id: String,
+    pub(crate) duration_minutes: i32,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) items: Vec<NewItem>,
+    pub(crate) warnings: Vec<NewWarning>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) request_hash: Option<Vec<u8>>,
     /// The `x-request-id` of the request that creates it, for the worker's logs.
-    pub request_id: Option<String>,
+    pub(crate) request_id: Option<String>,
 }
 
-pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<BatchRow>> {
+pub(crate) async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<BatchRow>> {
     sqlx::query_as("SELECT * FROM batches WHERE id = $1")
         .bind(id)
         .fetch_optional(db)
@@ -77,7 +77,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Batch
 /// invitation (PENDING and not expired, or IN_PROGRESS) for it; `None` when there is
 /// no such job. A read without locks: `db::tasks::create_batch` checks the job again as
 /// it writes.
-pub async fn job_status_and_invited(
+pub(crate) async fn job_status_and_invited(
     conn: &mut PgConnection,
     job_id: &str,
     candidate_ids: &[&str],
@@ -97,21 +97,21 @@ pub async fn job_status_and_invited(
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct ItemView {
-    pub candidate_id: String,
-    pub email: String,
-    pub name: Option<String>,
-    pub status: ItemStatus,
+pub(crate) struct ItemView {
+    pub(crate) candidate_id: String,
+    pub(crate) email: String,
+    pub(crate) name: Option<String>,
+    pub(crate) status: ItemStatus,
     /// For `failed`: `invalid_email`, `rejected`, `retries_exhausted`; for `skipped`:
     /// `already_invited`, `job_closed`, `cancelled`; null otherwise.
-    pub reason: Option<ItemReason>,
-    pub attempts: i32,
-    pub last_error: Option<String>,
-    pub invitation_id: Option<Uuid>,
-    pub updated_at: DateTime<Utc>,
+    pub(crate) reason: Option<ItemReason>,
+    pub(crate) attempts: i32,
+    pub(crate) last_error: Option<String>,
+    pub(crate) invitation_id: Option<Uuid>,
+    pub(crate) updated_at: DateTime<Utc>,
 }
 
-pub async fn items(
+pub(crate) async fn items(
     db: impl PgExecutor<'_>,
     batch_id: Uuid,
     status: Option<ItemStatus>,
@@ -130,7 +130,7 @@ pub async fn items(
 }
 
 /// Newest first, optionally filtered by job and status.
-pub async fn list(
+pub(crate) async fn list(
     db: impl PgExecutor<'_>,
     job_id: Option<&str>,
     status: Option<BatchStatus>,
@@ -149,7 +149,7 @@ pub async fn list(
     .await
 }
 
-pub async fn find_by_idempotency_key(
+pub(crate) async fn find_by_idempotency_key(
     db: impl PgExecutor<'_>,
     key: &str,
 ) -> sqlx::Result<Option<BatchRow>> {
@@ -161,12 +161,12 @@ pub async fn find_by_idempotency_key(
 
 /// True when `e` is the unique violation of `batches.idempotency_key`: another request
 /// with the same key committed first.
-pub fn is_idempotency_conflict(e: &sqlx::Error) -> bool {
+pub(crate) fn is_idempotency_conflict(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.constraint() == Some("batches_idempotency_key_key"))
 }
 
 /// What a cancel did.
-pub enum Cancel {
+pub(crate) enum Cancel {
     Cancelled(BatchRow),
     NotFound,
     /// The batch is `completed` or `cancelled` already.
@@ -179,7 +179,7 @@ pub enum Cancel {
 /// (if minted) are revoked, the tally moves, the batch becomes `cancelled`. Sends that
 /// are on their way (`sending_at` within `in_flight`) are waited for by the caller, so
 /// each of those items ends as what really happened to it.
-pub async fn cancel(
+pub(crate) async fn cancel(
     pool: &sqlx::PgPool,
     id: Uuid,
     in_flight: std::time::Duration,
@@ -236,13 +236,13 @@ pub async fn cancel(
 }
 
 /// A failed item to put back through the queue, with its corrected address if any.
-pub struct RetryItem {
-    pub candidate_id: String,
-    pub email: Option<String>,
+pub(crate) struct RetryItem {
+    pub(crate) candidate_id: String,
+    pub(crate) email: Option<String>,
 }
 
 /// What a retry did.
-pub enum Retry {
+pub(crate) enum Retry {
     /// The batch after the retry, and the (item id, task id) pairs to push.
     Retried(BatchRow, Vec<(Uuid, String)>),
     NotFound,
@@ -255,7 +255,7 @@ pub enum Retry {
 /// address replacing the item's) and the batch back to `running`.
 /// `only` limits it to those candidates; `None` retries every failed item. The caller
 /// pushes the tasks in the same transaction and commits.
-pub async fn retry(
+pub(crate) async fn retry(
     tx: &mut PgConnection,
     id: Uuid,
     only: Option<&[RetryItem]>,

@@ -26,36 +26,36 @@ use crate::domain::states::{BatchStatus, ItemStatus, JobStatus, OnDuplicate, str
 /// row lock (the database type `prepare_item`). Phases 2 and 3 use this copy.
 #[derive(Debug, Clone, sqlx::Type)]
 #[sqlx(type_name = "prepare_item")]
-pub struct PreparedItem {
-    pub id: Uuid,
-    pub batch_id: Uuid,
-    pub task_id: String,
-    pub status: ItemStatus,
-    pub attempts: i32,
-    pub candidate_id: String,
-    pub email: String,
-    pub name: Option<String>,
-    pub invitation_id: Option<Uuid>,
+pub(crate) struct PreparedItem {
+    pub(crate) id: Uuid,
+    pub(crate) batch_id: Uuid,
+    pub(crate) task_id: String,
+    pub(crate) status: ItemStatus,
+    pub(crate) attempts: i32,
+    pub(crate) candidate_id: String,
+    pub(crate) email: String,
+    pub(crate) name: Option<String>,
+    pub(crate) invitation_id: Option<Uuid>,
     /// Why the address cannot be sent to, decided when it was written.
-    pub email_error: Option<String>,
-    pub job_id: String,
-    pub job_title: String,
-    pub job_status: JobStatus,
-    pub batch_status: BatchStatus,
-    pub on_duplicate: OnDuplicate,
-    pub duration_minutes: i32,
+    pub(crate) email_error: Option<String>,
+    pub(crate) job_id: String,
+    pub(crate) job_title: String,
+    pub(crate) job_status: JobStatus,
+    pub(crate) batch_status: BatchStatus,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) duration_minutes: i32,
     /// The `x-request-id` of the request that created the batch.
-    pub request_id: Option<String>,
+    pub(crate) request_id: Option<String>,
 }
 
 /// One request of phase 1: the item, the task acting on it, and the invitation to mint
 /// if the item has none yet (its id, from which the link is derived, and the SHA-256
 /// of its token).
-pub struct PrepareRequest<'a> {
-    pub item: Uuid,
-    pub task_id: &'a str,
-    pub new_invitation_id: Uuid,
-    pub token_hash: [u8; 32],
+pub(crate) struct PrepareRequest<'a> {
+    pub(crate) item: Uuid,
+    pub(crate) task_id: &'a str,
+    pub(crate) new_invitation_id: Uuid,
+    pub(crate) token_hash: [u8; 32],
 }
 
 string_enum! {
@@ -75,24 +75,24 @@ string_enum! {
 
 /// What phase 1 decided for one request (see `prepare_items` in the migrations).
 #[derive(Debug, sqlx::FromRow)]
-pub struct PrepareRow {
+pub(crate) struct PrepareRow {
     /// 1-based position of the request.
-    pub ord: i32,
-    pub decision: PrepareDecision,
+    pub(crate) ord: i32,
+    pub(crate) decision: PrepareDecision,
     /// For `invalid_email`: what is wrong with the address.
-    pub detail: Option<String>,
+    pub(crate) detail: Option<String>,
     /// The item as locked (none for `nothing`).
-    pub item: Option<PreparedItem>,
+    pub(crate) item: Option<PreparedItem>,
     /// For `send`: the invitation every attempt carries, and the attempt's number.
-    pub invitation_id: Option<Uuid>,
-    pub attempts: Option<i32>,
+    pub(crate) invitation_id: Option<Uuid>,
+    pub(crate) attempts: Option<i32>,
 }
 
 /// Phase 1 for a group in one call, one round trip and one commit: the database
 /// function `prepare_items` (in the migrations) locks the items, takes the pair locks,
 /// decides, mints and counts. Run it outside a transaction: the commit is its own.
 /// One row per request, in request order.
-pub async fn prepare_items(
+pub(crate) async fn prepare_items(
     conn: &mut PgConnection,
     requests: &[PrepareRequest<'_>],
     ttl_hours: u32,

@@ -9,19 +9,19 @@ use crate::domain::states::InvitationStatus;
 
 /// The invitation resource.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Invitation {
-    pub id: Uuid,
-    pub job_id: String,
-    pub candidate_id: String,
-    pub batch_id: Uuid,
-    pub status: InvitationStatus,
-    pub duration_minutes: i32,
-    pub sent_at: Option<DateTime<Utc>>,
-    pub expires_at: DateTime<Utc>,
-    pub redeemed_at: Option<DateTime<Utc>>,
+pub(crate) struct Invitation {
+    pub(crate) id: Uuid,
+    pub(crate) job_id: String,
+    pub(crate) candidate_id: String,
+    pub(crate) batch_id: Uuid,
+    pub(crate) status: InvitationStatus,
+    pub(crate) duration_minutes: i32,
+    pub(crate) sent_at: Option<DateTime<Utc>>,
+    pub(crate) expires_at: DateTime<Utc>,
+    pub(crate) redeemed_at: Option<DateTime<Utc>>,
 }
 
-pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Invitation>> {
+pub(crate) async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Invitation>> {
     sqlx::query_as(
         "SELECT id, job_id, candidate_id, batch_id,
                 invitation_status_now(status, expires_at) AS status,
@@ -34,7 +34,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Invit
 }
 
 /// Newest first, filtered by job and/or candidate.
-pub async fn list(
+pub(crate) async fn list(
     db: impl PgExecutor<'_>,
     job_id: Option<&str>,
     candidate_id: Option<&str>,
@@ -49,7 +49,7 @@ pub async fn list(
 }
 
 /// What a redeem found.
-pub enum Redeem {
+pub(crate) enum Redeem {
     Redeemed(Invitation),
     Unknown,
     Used,
@@ -58,7 +58,7 @@ pub enum Redeem {
 
 /// Consumes a live link in one atomic UPDATE: under any number of concurrent redeems
 /// of one token exactly one matches `status = 'PENDING'`.
-pub async fn redeem(db: &sqlx::PgPool, token_hash: &[u8; 32]) -> sqlx::Result<Redeem> {
+pub(crate) async fn redeem(db: &sqlx::PgPool, token_hash: &[u8; 32]) -> sqlx::Result<Redeem> {
     let redeemed: Option<Invitation> = sqlx::query_as(include_str!("sql/redeem_invitation.sql"))
         .bind(&token_hash[..])
         .fetch_optional(db)
@@ -82,7 +82,7 @@ pub async fn redeem(db: &sqlx::PgPool, token_hash: &[u8; 32]) -> sqlx::Result<Re
 
 /// The transitions of an invitation that the API offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// IN_PROGRESS → COMPLETED.
     Complete,
     /// PENDING (and not expired) → REVOKED.
@@ -91,7 +91,7 @@ pub enum Transition {
 
 impl Transition {
     /// The state an invitation must be in, and the one it moves to.
-    pub fn states(self) -> (InvitationStatus, InvitationStatus) {
+    pub(crate) fn states(self) -> (InvitationStatus, InvitationStatus) {
         match self {
             Transition::Complete => (InvitationStatus::InProgress, InvitationStatus::Completed),
             Transition::Revoke => (InvitationStatus::Pending, InvitationStatus::Revoked),
@@ -101,7 +101,7 @@ impl Transition {
 
 /// Makes `transition` if the invitation is in its starting state; `None` when it is not
 /// (the caller answers 409) or does not exist.
-pub async fn transition(
+pub(crate) async fn transition(
     db: impl PgExecutor<'_>,
     id: Uuid,
     transition: Transition,

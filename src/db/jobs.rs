@@ -7,16 +7,16 @@ use sqlx::PgExecutor;
 use crate::domain::states::JobStatus;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Job {
-    pub id: String,
-    pub title: String,
-    pub status: JobStatus,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
+pub(crate) struct Job {
+    pub(crate) id: String,
+    pub(crate) title: String,
+    pub(crate) status: JobStatus,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
 }
 
 /// Creates or updates a job; the flag says whether it was created.
-pub async fn upsert(
+pub(crate) async fn upsert(
     db: impl PgExecutor<'_>,
     id: &str,
     title: &str,
@@ -42,7 +42,7 @@ pub async fn upsert(
     Ok((row.job, row.created))
 }
 
-pub async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<Job>> {
+pub(crate) async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<Job>> {
     sqlx::query_as("SELECT id, title, status, created_at, updated_at FROM jobs WHERE id = $1")
         .bind(id)
         .fetch_optional(db)

@@ -10,53 +10,40 @@ pub mod tasks;
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
-    ConnectOptions, Connection, PgPool,
+    PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
 use crate::config::DatabaseSettings;
 
 /// The app's own migrations (`migrations/`).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Creates the database named in `url` if it does not exist yet.
-pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
-    let options = PgConnectOptions::from_str(url)?;
-    let Some(name) = options.get_database().map(str::to_owned) else {
+/// Creates the database named in `url` if it does not exist yet (sqlx's own
+/// `CREATE DATABASE`, which quotes the name).
+pub(crate) async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
+    use sqlx::migrate::MigrateDatabase;
+    if sqlx::Postgres::database_exists(url).await? {
         return Ok(());
-    };
-    let mut conn = options.clone().database("postgres").connect().await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut conn)
-            .await?;
-    if !exists {
-        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        let sql = format!("CREATE DATABASE {quoted}");
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut conn)
-            .await
-        {
-            Ok(_) => tracing::info!(database = %name, "created database"),
-            // Two processes racing to create it: the other one won, which is fine.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
-            Err(e) => return Err(e.into()),
-        }
     }
-    conn.close().await?;
+    match sqlx::Postgres::create_database(url).await {
+        Ok(()) => tracing::info!("created the database"),
+        // Two processes racing to create it: the other one won, which is fine.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+        Err(e) => return Err(e.into()),
+    }
     Ok(())
 }
 
 /// Applies apalis-postgres' migrations (schema `apalis`) and then the app's.
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     apalis_postgres::PostgresStorage::setup(pool).await?;
     MIGRATOR.run(pool).await?;
     Ok(())
 }
 
 /// True when every migration this binary knows of has been applied.
-pub async fn migrations_applied(pool: &PgPool) -> bool {
+pub(crate) async fn migrations_applied(pool: &PgPool) -> bool {
     let applied: Result<Vec<i64>, _> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
             .fetch_all(pool)
@@ -71,7 +58,7 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     // Plan every statement for its actual parameters. A generic plan cached while a
     // table was small (a fresh database, right after a deploy) keeps scanning the whole
     // table for `WHERE id = ANY($1)` and `FROM unnest(...)` long after it has grown;
-    // the benchmark caught that costing ~10 ms a statement at 40k rows.
+    // docs/performance.md has what that cost.
     let options = PgConnectOptions::from_str(settings.url.expose())?
         .application_name("invite-worker")
         .options([("plan_cache_mode", "force_custom_plan")]);

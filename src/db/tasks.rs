@@ -37,8 +37,8 @@ pub(crate) const TASK_MAX_ATTEMPTS: usize = 10;
 
 /// The payload of a send-invite task: ids only; the handler reloads everything else.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SendInvite {
-    pub item_id: Uuid,
+pub(crate) struct SendInvite {
+    pub(crate) item_id: Uuid,
 }
 
 /// A send-invite task's stored payload (`apalis.jobs.job`).
@@ -186,23 +186,23 @@ pub(crate) async fn create_batch(
 }
 
 /// The statement of [`create_batch`].
-pub const CREATE_BATCH: &str = include_str!("sql/create_batch.sql");
+pub(crate) const CREATE_BATCH: &str = include_str!("sql/create_batch.sql");
 
 /// What to write for one item's outcome (phase 3).
 pub(crate) struct OutcomeRecord<'a> {
-    pub item: Uuid,
+    pub(crate) item: Uuid,
     /// The task that made the attempt: the outcome applies only while the item is
     /// still pending under that task (not cancelled, not handed to another).
-    pub task_id: &'a str,
+    pub(crate) task_id: &'a str,
     /// The item's new status: `pending` for a retry.
-    pub status: ItemStatus,
-    pub reason: Option<ItemReason>,
-    pub last_error: Option<&'a str>,
+    pub(crate) status: ItemStatus,
+    pub(crate) reason: Option<ItemReason>,
+    pub(crate) last_error: Option<&'a str>,
     /// A retry: the item moves to this new task, due at this time.
-    pub retry: Option<(&'a str, DateTime<Utc>)>,
+    pub(crate) retry: Option<(&'a str, DateTime<Utc>)>,
     /// A warning for the batch, as JSON (`{candidate_id, code, message}`); added unless
     /// the batch has one with that candidate and code already.
-    pub warning: Option<String>,
+    pub(crate) warning: Option<String>,
 }
 
 /// The statement of [`record_outcomes`].

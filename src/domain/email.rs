@@ -46,10 +46,6 @@ impl CandidateEmail {
             .map_err(|e| InvalidEmail(format!("not a valid email address: {e}")))?;
         Ok(Self(trimmed.to_owned()))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 impl fmt::Display for CandidateEmail {
@@ -60,7 +56,7 @@ impl fmt::Display for CandidateEmail {
 
 /// An address as logs may show it: the first character of the local part, then `***`,
 /// then the domain (`a***@example.com`). Anything without an `@` becomes `***`.
-pub fn mask(address: &str) -> String {
+pub(crate) fn mask(address: &str) -> String {
     match address.trim().rsplit_once('@') {
         Some((local, domain)) => {
             let first: String = local.chars().take(1).filter(|c| !c.is_control()).collect();
@@ -78,7 +74,7 @@ mod tests {
     #[test]
     fn ordinary_addresses_parse_and_are_trimmed() {
         let e = CandidateEmail::parse("  ada@example.com ").expect("valid");
-        assert_eq!(e.as_str(), "ada@example.com");
+        assert_eq!(e.to_string(), "ada@example.com");
         assert!(CandidateEmail::parse("first.last+tag@sub.example.co.uk").is_ok());
     }
 

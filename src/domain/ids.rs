@@ -5,13 +5,13 @@ use std::fmt;
 /// An id chosen by the web app: 1 to 128 characters from `[A-Za-z0-9._:-]`.
 /// The database enforces the same rule (`external_id` domain).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ExternalId(String);
+pub(crate) struct ExternalId(String);
 
 impl ExternalId {
-    pub const MAX_LEN: usize = 128;
+    pub(crate) const MAX_LEN: usize = 128;
 
     /// Parses an id, saying what is wrong with it when it is not one.
-    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, &'static str> {
         if raw.is_empty() {
             return Err("must not be empty");
         }
@@ -27,12 +27,8 @@ impl ExternalId {
         Ok(Self(raw.to_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
     }
 }
 

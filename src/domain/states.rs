@@ -124,7 +124,7 @@ string_enum! {
 
 impl ItemReason {
     /// The status an item with this reason is in.
-    pub fn status(self) -> ItemStatus {
+    pub(crate) fn status(self) -> ItemStatus {
         match self {
             Self::InvalidEmail | Self::Rejected | Self::RetriesExhausted => ItemStatus::Failed,
             Self::AlreadyInvited | Self::JobClosed | Self::Cancelled => ItemStatus::Skipped,

@@ -11,11 +11,11 @@ use uuid::Uuid;
 
 /// The token in an invitation link. Deliberately not `Debug`/`Display`: it must never
 /// reach a log line by accident.
-pub struct LinkToken(String);
+pub(crate) struct LinkToken(String);
 
 impl LinkToken {
     /// The token for an invitation, derived with the server's secret.
-    pub fn derive(secret: &[u8], invitation_id: Uuid) -> Self {
+    pub(crate) fn derive(secret: &[u8], invitation_id: Uuid) -> Self {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
         mac.update(b"invite-worker/link/v1/");
@@ -23,17 +23,17 @@ impl LinkToken {
         Self(URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
     }
 
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
-    pub fn hash(&self) -> [u8; 32] {
+    pub(crate) fn hash(&self) -> [u8; 32] {
         hash_token(&self.0)
     }
 }
 
 /// SHA-256 of a token as presented (what the database stores and looks up).
-pub fn hash_token(token: &str) -> [u8; 32] {
+pub(crate) fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 

@@ -7,8 +7,8 @@ use super::states::WarningCode;
 /// A warning on a batch: `already_invited` (the candidate holds a live invitation for
 /// the job) or `invalid_email` (the address cannot be sent to).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Warning {
-    pub candidate_id: String,
-    pub code: WarningCode,
-    pub message: String,
+pub(crate) struct Warning {
+    pub(crate) candidate_id: String,
+    pub(crate) code: WarningCode,
+    pub(crate) message: String,
 }

@@ -40,53 +40,53 @@ const MAX_EMAIL_CHARS: usize = 1024;
 /// `POST /v1/batches` (and `/v1/batches/preview`) body.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    pub job_id: String,
-    pub duration_minutes: i64,
-    pub candidates: Vec<CandidateInput>,
+pub(crate) struct BatchRequest {
+    pub(crate) job_id: String,
+    pub(crate) duration_minutes: i64,
+    pub(crate) candidates: Vec<CandidateInput>,
     #[serde(default)]
-    pub expected_count: Option<i64>,
+    pub(crate) expected_count: Option<i64>,
     #[serde(default)]
-    pub on_duplicate: Option<OnDuplicate>,
+    pub(crate) on_duplicate: Option<OnDuplicate>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CandidateInput {
-    pub id: String,
-    pub email: String,
+pub(crate) struct CandidateInput {
+    pub(crate) id: String,
+    pub(crate) email: String,
     #[serde(default)]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub struct Counts {
-    pub pending: i32,
-    pub sent: i32,
-    pub failed: i32,
-    pub skipped: i32,
+pub(crate) struct Counts {
+    pub(crate) pending: i32,
+    pub(crate) sent: i32,
+    pub(crate) failed: i32,
+    pub(crate) skipped: i32,
 }
 
 /// The batch resource.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct BatchView {
-    pub id: Uuid,
-    pub job_id: String,
-    pub duration_minutes: i32,
-    pub on_duplicate: OnDuplicate,
-    pub status: BatchStatus,
-    pub total: i32,
-    pub counts: Counts,
+pub(crate) struct BatchView {
+    pub(crate) id: Uuid,
+    pub(crate) job_id: String,
+    pub(crate) duration_minutes: i32,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) status: BatchStatus,
+    pub(crate) total: i32,
+    pub(crate) counts: Counts,
     /// `"{sent} sent, {failed} failed"`, plus `", {skipped} skipped"` when any were.
-    pub summary: String,
-    pub warnings: Vec<Warning>,
-    pub created_at: DateTime<Utc>,
-    pub completed_at: Option<DateTime<Utc>>,
-    pub cancelled_at: Option<DateTime<Utc>>,
+    pub(crate) summary: String,
+    pub(crate) warnings: Vec<Warning>,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) completed_at: Option<DateTime<Utc>>,
+    pub(crate) cancelled_at: Option<DateTime<Utc>>,
 }
 
 /// The tally as people read it.
-pub fn summary(sent: i32, failed: i32, skipped: i32) -> String {
+pub(crate) fn summary(sent: i32, failed: i32, skipped: i32) -> String {
     let mut s = format!("{sent} sent, {failed} failed");
     if skipped > 0 {
         s.push_str(&format!(", {skipped} skipped"));
@@ -120,25 +120,25 @@ impl From<BatchRow> for BatchView {
 
 /// One candidate that passed the checks that need no database.
 #[derive(Debug, Clone)]
-pub struct CheckedCandidate {
-    pub id: ExternalId,
-    pub email: String,
-    pub name: Option<String>,
+pub(crate) struct CheckedCandidate {
+    pub(crate) id: ExternalId,
+    pub(crate) email: String,
+    pub(crate) name: Option<String>,
     /// Why the address cannot be sent to, when it cannot.
-    pub email_problem: Option<String>,
+    pub(crate) email_problem: Option<String>,
 }
 
 /// A request that passed every check that needs no database, in the order a person
 /// fixes them: shape, size, count, duplicates, duration.
 #[derive(Debug, Clone)]
-pub struct CheckedBatch {
-    pub job_id: ExternalId,
-    pub duration_minutes: i32,
-    pub on_duplicate: OnDuplicate,
-    pub candidates: Vec<CheckedCandidate>,
+pub(crate) struct CheckedBatch {
+    pub(crate) job_id: ExternalId,
+    pub(crate) duration_minutes: i32,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) candidates: Vec<CheckedCandidate>,
 }
 
-pub fn check(req: &BatchRequest, settings: &Settings) -> ApiResult<CheckedBatch> {
+pub(crate) fn check(req: &BatchRequest, settings: &Settings) -> ApiResult<CheckedBatch> {
     let job_id = ExternalId::parse(&req.job_id)
         .map_err(|why| ApiError::Validation(format!("job_id: {why}")))?;
     let mut candidates = Vec::with_capacity(req.candidates.len());
@@ -219,7 +219,7 @@ pub fn check(req: &BatchRequest, settings: &Settings) -> ApiResult<CheckedBatch>
 /// Checks that the job exists and is open, and returns the candidates among `batch`'s
 /// who already hold a live invitation for it. One statement, no lock: what it answers
 /// is what a send would do now (the create statement checks again as it writes).
-pub async fn invited_candidates_of_open_job(
+pub(crate) async fn invited_candidates_of_open_job(
     conn: &mut sqlx::PgConnection,
     batch: &CheckedBatch,
 ) -> ApiResult<HashSet<String>> {
@@ -235,7 +235,7 @@ pub async fn invited_candidates_of_open_job(
 /// What a person should read before (preview) or after (create) sending: candidates
 /// who already hold a live invitation for the job (`invited`), and addresses that
 /// will fail.
-pub fn warnings(batch: &CheckedBatch, invited: &HashSet<String>) -> Vec<Warning> {
+pub(crate) fn warnings(batch: &CheckedBatch, invited: &HashSet<String>) -> Vec<Warning> {
     possible_warnings(batch)
         .into_iter()
         .filter(|w| !w.if_invited || invited.contains(&w.warning.candidate_id))
@@ -339,7 +339,7 @@ fn replay(existing: BatchRow, hash: &[u8]) -> ApiResult<Response> {
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed, batch_too_large, empty_batch, count_mismatch, duplicate_candidates, invalid_duration, idempotency_key_reused", body = Problem, content_type = "application/problem+json")))]
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<BatchRequest>,
@@ -402,12 +402,12 @@ pub async fn create(
 
 /// `POST /v1/batches/preview`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Preview {
-    pub total: usize,
-    pub to_send: usize,
-    pub to_skip: usize,
-    pub to_fail: usize,
-    pub warnings: Vec<Warning>,
+pub(crate) struct Preview {
+    pub(crate) total: usize,
+    pub(crate) to_send: usize,
+    pub(crate) to_skip: usize,
+    pub(crate) to_fail: usize,
+    pub(crate) warnings: Vec<Warning>,
 }
 
 /// Every check of a real send, and what would happen to each candidate; writes nothing.
@@ -417,7 +417,7 @@ pub struct Preview {
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed, batch_too_large, empty_batch, count_mismatch, duplicate_candidates, invalid_duration", body = Problem, content_type = "application/problem+json")))]
-pub async fn preview(
+pub(crate) async fn preview(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<BatchRequest>,
 ) -> ApiResult<Json<Preview>> {
@@ -449,20 +449,20 @@ pub async fn preview(
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct BatchList {
-    pub batches: Vec<BatchView>,
+pub(crate) struct BatchList {
+    pub(crate) batches: Vec<BatchView>,
 }
 
 /// `GET /v1/batches` query: every parameter optional, empty means absent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     #[serde(default, deserialize_with = "optional")]
-    pub job_id: Option<ExternalId>,
+    pub(crate) job_id: Option<ExternalId>,
     #[serde(default, deserialize_with = "optional")]
-    pub status: Option<BatchStatus>,
+    pub(crate) status: Option<BatchStatus>,
     #[serde(default, deserialize_with = "optional")]
-    pub limit: Option<i64>,
+    pub(crate) limit: Option<i64>,
 }
 
 /// `GET /v1/batches?job_id=&status=&limit=`, newest first.
@@ -470,7 +470,7 @@ pub struct ListQuery {
     params(("job_id" = Option<String>, Query), ("status" = Option<BatchStatus>, Query),
         ("limit" = Option<i64>, Query, description = "1 to 500, default 50")),
     responses((status = 200, description = "Newest first", body = BatchList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
-pub async fn list(
+pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> ApiResult<Json<BatchList>> {
@@ -495,17 +495,17 @@ pub async fn list(
 /// `POST /v1/batches/{id}/retry` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RetryRequest {
-    pub candidates: Vec<RetryCandidate>,
+pub(crate) struct RetryRequest {
+    pub(crate) candidates: Vec<RetryCandidate>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RetryCandidate {
-    pub id: String,
+pub(crate) struct RetryCandidate {
+    pub(crate) id: String,
     /// A corrected address; it replaces the candidate's email.
     #[serde(default)]
-    pub email: Option<String>,
+    pub(crate) email: Option<String>,
 }
 
 /// Puts failed items (all, or the ones listed) back through the queue.
@@ -514,7 +514,7 @@ pub struct RetryCandidate {
     responses((status = 202, description = "Failed items are pending again", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "not_retryable, invalid_transition", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
-pub async fn retry(
+pub(crate) async fn retry(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
     OptionalJsonBody(body): OptionalJsonBody<RetryRequest>,
@@ -575,7 +575,7 @@ pub async fn retry(
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "Cancelled", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
-pub async fn cancel(
+pub(crate) async fn cancel(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<BatchView>> {
@@ -608,7 +608,7 @@ pub async fn cancel(
 #[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "The batch", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
-pub async fn get(
+pub(crate) async fn get(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<BatchView>> {
@@ -621,21 +621,21 @@ pub async fn get(
 /// `GET /v1/batches/{id}/items` query.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ItemsQuery {
+pub(crate) struct ItemsQuery {
     #[serde(default, deserialize_with = "optional")]
-    pub status: Option<ItemStatus>,
+    pub(crate) status: Option<ItemStatus>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ItemList {
-    pub items: Vec<ItemView>,
+pub(crate) struct ItemList {
+    pub(crate) items: Vec<ItemView>,
 }
 
 #[utoipa::path(get, path = "/v1/batches/{id}/items", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path), ("status" = Option<ItemStatus>, Query)),
     responses((status = 200, description = "The items, in request order", body = ItemList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
-pub async fn items(
+pub(crate) async fn items(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
     QueryParams(query): QueryParams<ItemsQuery>,

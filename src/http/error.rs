@@ -8,7 +8,7 @@ use axum::{
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("missing or wrong bearer key")]
     Unauthorized,
     #[error("{0}")]
@@ -180,14 +180,14 @@ impl ApiError {
 
 /// The problem+json body.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Problem {
+pub(crate) struct Problem {
     #[serde(rename = "type")]
-    pub type_: String,
-    pub title: String,
-    pub status: u16,
+    pub(crate) type_: String,
+    pub(crate) title: String,
+    pub(crate) status: u16,
     /// Stable, machine-readable: switch on this, not on `title` or `detail`.
-    pub code: ErrorCode,
-    pub detail: String,
+    pub(crate) code: ErrorCode,
+    pub(crate) detail: String,
 }
 
 impl IntoResponse for ApiError {
@@ -219,4 +219,4 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;

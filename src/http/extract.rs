@@ -27,7 +27,7 @@ pub(crate) fn request_id(headers: &HeaderMap) -> Option<String> {
 
 /// A JSON body: `Content-Type: application/json` (415 otherwise), at most 1 MiB (413),
 /// and a well-formed document of the expected shape (422 naming the field otherwise).
-pub struct JsonBody<T>(pub T);
+pub(crate) struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
@@ -39,7 +39,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 /// An optional JSON body: an empty body reads as `None`.
-pub struct OptionalJsonBody<T>(pub Option<T>);
+pub(crate) struct OptionalJsonBody<T>(pub Option<T>);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T> {
     type Rejection = ApiError;
@@ -60,7 +60,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
 }
 
 /// The raw bytes of a JSON body, with the content type and size checked.
-pub async fn read_json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_json_bytes<S: Send + Sync>(
+    req: Request,
+    state: &S,
+) -> Result<Bytes, ApiError> {
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -93,7 +96,7 @@ fn body_rejection(status: axum::http::StatusCode) -> ApiError {
 }
 
 /// Parses JSON, naming the field at fault (`candidates[3].email: invalid type …`).
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -120,7 +123,7 @@ fn strip_position(message: &str) -> String {
 }
 
 /// A resource id in the path that must be a UUID; anything else is a 404.
-pub struct PathUuid(pub Uuid);
+pub(crate) struct PathUuid(pub Uuid);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathUuid {
     type Rejection = ApiError;
@@ -138,7 +141,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PathUuid {
 
 /// For query parameter fields: absent or empty (`?status=`) is `None`; anything else
 /// must parse, or the request is a 422 naming the parameter.
-pub fn optional<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub(crate) fn optional<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: std::str::FromStr,
@@ -153,7 +156,7 @@ where
 
 /// Query parameters into a `#[serde(deny_unknown_fields)]` struct; a malformed or
 /// unknown parameter is a 422 naming it.
-pub struct QueryParams<T>(pub T);
+pub(crate) struct QueryParams<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
     type Rejection = ApiError;

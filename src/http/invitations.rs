@@ -18,24 +18,24 @@ use super::{
 };
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct InvitationList {
-    pub invitations: Vec<Invitation>,
+pub(crate) struct InvitationList {
+    pub(crate) invitations: Vec<Invitation>,
 }
 
 /// `GET /v1/invitations` query.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     #[serde(default, deserialize_with = "optional")]
-    pub job_id: Option<ExternalId>,
+    pub(crate) job_id: Option<ExternalId>,
     #[serde(default, deserialize_with = "optional")]
-    pub candidate_id: Option<ExternalId>,
+    pub(crate) candidate_id: Option<ExternalId>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RedeemRequest {
-    pub token: String,
+pub(crate) struct RedeemRequest {
+    pub(crate) token: String,
 }
 
 fn not_found(id: uuid::Uuid) -> ApiError {
@@ -45,7 +45,7 @@ fn not_found(id: uuid::Uuid) -> ApiError {
 #[utoipa::path(get, path = "/v1/invitations/{id}", tag = "invitations", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "The invitation", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
-pub async fn get(
+pub(crate) async fn get(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<Invitation>> {
@@ -58,7 +58,7 @@ pub async fn get(
 #[utoipa::path(get, path = "/v1/invitations", tag = "invitations", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("candidate_id" = Option<String>, Query)),
     responses((status = 200, description = "Newest first", body = InvitationList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
-pub async fn list(
+pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> ApiResult<Json<InvitationList>> {
@@ -79,7 +79,7 @@ pub async fn list(
     responses((status = 200, description = "First use of a live link: now IN_PROGRESS", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "token_invalid", body = Problem, content_type = "application/problem+json"), (status = 410, description = "token_used, token_expired", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
-pub async fn redeem(
+pub(crate) async fn redeem(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<RedeemRequest>,
 ) -> ApiResult<Json<Invitation>> {
@@ -121,7 +121,7 @@ async fn transition(
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "IN_PROGRESS → COMPLETED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
-pub async fn complete(
+pub(crate) async fn complete(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<Invitation>> {
@@ -133,7 +133,7 @@ pub async fn complete(
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "PENDING → REVOKED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
-pub async fn revoke(
+pub(crate) async fn revoke(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<Invitation>> {

@@ -20,9 +20,9 @@ use super::{
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PutJob {
-    pub title: String,
-    pub status: JobStatus,
+pub(crate) struct PutJob {
+    pub(crate) title: String,
+    pub(crate) status: JobStatus,
 }
 
 fn job_id(raw: &str) -> ApiResult<ExternalId> {
@@ -35,7 +35,7 @@ fn job_id(raw: &str) -> ApiResult<ExternalId> {
     request_body = PutJob,
     responses((status = 201, description = "Created", body = Job), (status = 200, description = "Updated", body = Job),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
-pub async fn put_job(
+pub(crate) async fn put_job(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
     JsonBody(body): JsonBody<PutJob>,
@@ -65,7 +65,7 @@ pub async fn put_job(
 #[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", security(("bearer" = [])),
     params(("job_id" = String, Path)),
     responses((status = 200, description = "The job", body = Job), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
-pub async fn get_job(
+pub(crate) async fn get_job(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
 ) -> ApiResult<Json<Job>> {

@@ -14,5 +14,6 @@ mod router;
 pub mod service;
 mod state;
 
-pub use router::{BODY_LIMIT, router};
-pub use state::{AppState, Role};
+pub(crate) use router::router;
+pub(crate) use state::AppState;
+pub use state::Role;

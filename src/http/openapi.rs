@@ -48,14 +48,14 @@ impl Modify for BearerAuth {
     }
 }
 
-pub fn document() -> utoipa::openapi::OpenApi {
+pub(crate) fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
 /// The OpenAPI document, generated from the handlers and types.
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
-pub async fn serve() -> impl IntoResponse {
+pub(crate) async fn serve() -> impl IntoResponse {
     Json(document())
 }
 
@@ -65,7 +65,7 @@ mod tests {
     use crate::http::error::ErrorCode;
 
     /// Every route of the contract, as (method, path).
-    pub const ROUTES: &[(&str, &str)] = &[
+    pub(crate) const ROUTES: &[(&str, &str)] = &[
         ("put", "/v1/jobs/{job_id}"),
         ("get", "/v1/jobs/{job_id}"),
         ("post", "/v1/batches"),

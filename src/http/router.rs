@@ -25,10 +25,10 @@ use super::{
 };
 
 /// Request bodies above this are refused with 413 before any other work.
-pub const BODY_LIMIT: usize = 1024 * 1024;
+pub(crate) const BODY_LIMIT: usize = 1024 * 1024;
 
 /// The whole router. `work` processes get only the service routes.
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let service = Router::new()
         .route("/healthz", get(service::healthz))
         .route("/readyz", get(service::readyz))
@@ -81,7 +81,7 @@ fn request_span(request: &Request) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!("request", method = %request.method(), route, request_id = id)
+    tracing::info_span!("request", method = %request.method(), route, request_id = %id)
 }
 
 async fn not_found() -> ApiError {

@@ -12,14 +12,14 @@ use crate::{db, telemetry};
 
 /// The process is alive.
 #[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "The process is alive")))]
-pub async fn healthz() -> impl IntoResponse {
+pub(crate) async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
 /// The database answers and every migration is applied.
 #[utoipa::path(get, path = "/readyz", tag = "service",
     responses((status = 200, description = "Database reachable, migrations applied"), (status = 503, description = "not_ready", body = Problem, content_type = "application/problem+json")))]
-pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     if sqlx::query("SELECT 1").execute(&state.pool).await.is_err() {
         return Err(ApiError::NotReady("the database does not answer".into()));
     }
@@ -34,7 +34,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
 /// Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "service",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics() -> impl IntoResponse {
+pub(crate) async fn metrics() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::render_metrics(),

@@ -8,11 +8,11 @@ use crate::config::Settings;
 
 /// What every handler shares.
 #[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    pub settings: Arc<Settings>,
+pub(crate) struct AppState {
+    pub(crate) pool: PgPool,
+    pub(crate) settings: Arc<Settings>,
     /// Which parts this process runs, for `/readyz`.
-    pub role: Role,
+    pub(crate) role: Role,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

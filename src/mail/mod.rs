@@ -37,7 +37,7 @@ pub enum SendError {
 impl SendError {
     /// What a person reads in the item's `last_error`: the server's reply where there
     /// was one (`550 5.1.1 user unknown`), else what happened.
-    pub fn detail(&self) -> &str {
+    pub(crate) fn detail(&self) -> &str {
         match self {
             SendError::Transient(d) | SendError::Permanent(d) => d,
         }
@@ -96,16 +96,8 @@ impl Mailer {
         })
     }
 
-    pub fn from(&self) -> &Mailbox {
+    pub(crate) fn from(&self) -> &Mailbox {
         &self.from
-    }
-
-    /// Where the file transport writes, if that is the transport.
-    pub fn outbox_dir(&self) -> Option<&Path> {
-        match &self.transport {
-            Transport::File { dir } => Some(dir),
-            Transport::Smtp(_) => None,
-        }
     }
 
     /// Sends one message, waiting for the rate limit first. `key` names the message

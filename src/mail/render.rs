@@ -8,19 +8,19 @@ use lettre::{
 
 /// Everything one invitation email says. Built fresh for every attempt from stored
 /// state, so every attempt for an item carries the same link and Message-ID.
-pub struct InviteEmail<'a> {
-    pub to: &'a Address,
-    pub to_name: Option<&'a str>,
-    pub job_title: &'a str,
-    pub duration_minutes: i32,
-    pub link: &'a str,
-    pub ttl_hours: u32,
+pub(crate) struct InviteEmail<'a> {
+    pub(crate) to: &'a Address,
+    pub(crate) to_name: Option<&'a str>,
+    pub(crate) job_title: &'a str,
+    pub(crate) duration_minutes: i32,
+    pub(crate) link: &'a str,
+    pub(crate) ttl_hours: u32,
     /// Without angle brackets: `{item id}@{sender's domain}`.
-    pub message_id: &'a str,
+    pub(crate) message_id: &'a str,
 }
 
 /// The Message-ID of an item: unique per item, identical on every attempt.
-pub fn message_id(item_id: uuid::Uuid, from: &Mailbox) -> String {
+pub(crate) fn message_id(item_id: uuid::Uuid, from: &Mailbox) -> String {
     format!("{item_id}@{}", from.email.domain())
 }
 
@@ -59,11 +59,11 @@ fn expiry_phrase(ttl_hours: u32) -> String {
 }
 
 impl InviteEmail<'_> {
-    pub fn subject(&self) -> String {
+    pub(crate) fn subject(&self) -> String {
         format!("Interview invitation: {}", one_line(self.job_title))
     }
 
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let greeting = match self.to_name.map(one_line).filter(|n| !n.is_empty()) {
             Some(name) => format!("Hello {name},"),
             None => "Hello,".to_owned(),
@@ -85,7 +85,7 @@ impl InviteEmail<'_> {
         )
     }
 
-    pub fn html(&self) -> String {
+    pub(crate) fn html(&self) -> String {
         let greeting = match self.to_name.map(one_line).filter(|n| !n.is_empty()) {
             Some(name) => format!("Hello {},", html_escape(&name)),
             None => "Hello,".to_owned(),
@@ -105,7 +105,7 @@ impl InviteEmail<'_> {
     }
 
     /// The message as lettre sends it.
-    pub fn build(&self, from: &Mailbox) -> Result<Message, lettre::error::Error> {
+    pub(crate) fn build(&self, from: &Mailbox) -> Result<Message, lettre::error::Error> {
         let name = self.to_name.map(one_line).filter(|n| !n.is_empty());
         Message::builder()
             .from(from.clone())

@@ -54,8 +54,8 @@ use crate::{
 const MAX_GROUP: usize = 128;
 
 /// Everything a delivery needs; one per process, shared by all tasks.
-pub struct Deliverer {
-    pub pool: PgPool,
+pub(crate) struct Deliverer {
+    pub(crate) pool: PgPool,
     mailer: Arc<Mailer>,
     settings: Arc<Settings>,
     preparer: Grouped<Preparer>,
@@ -69,7 +69,7 @@ pub struct Deliverer {
 
 impl Deliverer {
     /// Starts the group writers of phases 1 and 3.
-    pub fn start(pool: PgPool, mailer: Arc<Mailer>, settings: Arc<Settings>) -> Self {
+    pub(crate) fn start(pool: PgPool, mailer: Arc<Mailer>, settings: Arc<Settings>) -> Self {
         let preparer = Preparer {
             pool: pool.clone(),
             settings: settings.clone(),
@@ -92,7 +92,11 @@ impl Deliverer {
     /// and 2 here, phase 3 in the background ([`Self::record_in_background`]). Returns
     /// once the outcome is handed to the recorder, so the task's slot among the tasks in
     /// flight is free again while its outcome is written with the next group.
-    pub async fn deliver(self: &Arc<Self>, item_id: Uuid, task_id: &str) -> anyhow::Result<()> {
+    pub(crate) async fn deliver(
+        self: &Arc<Self>,
+        item_id: Uuid,
+        task_id: &str,
+    ) -> anyhow::Result<()> {
         let task_id = task_id.to_owned();
         let prepare = Prepare {
             item_id,
@@ -140,7 +144,7 @@ impl Deliverer {
             Ok(invitation_id) => {
                 let span = tracing::info_span!("send", task = %task_id, item = %item.id,
                     batch = %item.batch_id,
-                    request_id = item.request_id.as_deref().unwrap_or_default());
+                    request_id = %item.request_id.as_deref().unwrap_or_default());
                 let sent = self.send(&item, invitation_id).instrument(span).await;
                 phase_done("send", started);
                 Attempted::Sent(sent)
@@ -185,7 +189,7 @@ impl Deliverer {
 
     /// Waits, up to `timeout`, until every outcome handed to the recorder is written;
     /// false if some are not. For a clean shutdown, after the workers have stopped.
-    pub async fn wait_for_outcomes(&self, timeout: Duration) -> bool {
+    pub(crate) async fn wait_for_outcomes(&self, timeout: Duration) -> bool {
         let all = max_in_flight(&self.settings);
         tokio::time::timeout(timeout, self.in_flight.acquire_many(all))
             .await

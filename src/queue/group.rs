@@ -21,7 +21,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 /// One kind of grouped write.
-pub trait GroupWrite: Send + Sync + 'static {
+pub(crate) trait GroupWrite: Send + Sync + 'static {
     type Request: Send + Sync + 'static;
     type Response: Send + 'static;
     /// What the writer holds from one group to the next (its database connection).
@@ -55,7 +55,7 @@ struct QueuedRequest<W: GroupWrite> {
 
 /// The handle requests are submitted through. Its writer task ends when the last
 /// handle is dropped.
-pub struct Grouped<W: GroupWrite> {
+pub(crate) struct Grouped<W: GroupWrite> {
     sender: mpsc::Sender<QueuedRequest<W>>,
 }
 
@@ -71,14 +71,14 @@ impl<W: GroupWrite> Grouped<W> {
     /// Starts the writer task; a group holds at most `max_group` requests. (One writer
     /// per kind: two halved the groups and cost more database CPU than their shorter
     /// waits saved; see docs/performance.md.)
-    pub fn start(writer: W, max_group: usize) -> Self {
+    pub(crate) fn start(writer: W, max_group: usize) -> Self {
         let (sender, receiver) = mpsc::channel(max_group.max(1) * 8);
         tokio::spawn(write_groups(writer, max_group.max(1), receiver));
         Self { sender }
     }
 
     /// Submits one request; returns its response once its group is committed.
-    pub async fn submit(&self, request: W::Request) -> anyhow::Result<W::Response> {
+    pub(crate) async fn submit(&self, request: W::Request) -> anyhow::Result<W::Response> {
         let (reply, answer) = oneshot::channel();
         self.sender
             .send(QueuedRequest { request, reply })

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{config::Settings, db::tasks};
 
 /// Runs the three every `worker.maintenance_interval_secs` until shutdown.
-pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
+pub(crate) async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
     let every = Duration::from_secs(settings.worker.maintenance_interval_secs);
     let retention = Duration::from_secs(settings.worker.task_retention_secs);
     let mut tick = tokio::time::interval(every);

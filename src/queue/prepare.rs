@@ -33,14 +33,14 @@ use crate::{
 
 /// Phase 1 for one item, on behalf of one queue task.
 #[derive(Debug, Clone)]
-pub struct Prepare {
-    pub item_id: Uuid,
-    pub task_id: String,
+pub(crate) struct Prepare {
+    pub(crate) item_id: Uuid,
+    pub(crate) task_id: String,
 }
 
 /// What phase 1 decided for an item.
 #[derive(Debug)]
-pub enum Prepared {
+pub(crate) enum Prepared {
     /// Terminal already, handed to another task, or gone: the task is over.
     NothingToDo,
     /// The same task is in this group twice (it ran twice); the other run acts, and
@@ -61,9 +61,9 @@ pub enum Prepared {
 }
 
 /// Writes groups of phase 1.
-pub struct Preparer {
-    pub pool: PgPool,
-    pub settings: Arc<Settings>,
+pub(crate) struct Preparer {
+    pub(crate) pool: PgPool,
+    pub(crate) settings: Arc<Settings>,
 }
 
 impl GroupWrite for Preparer {

@@ -39,7 +39,7 @@ use crate::{
 
 /// What recording one attempt's outcome did with its item.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// The mail server accepted the message.
     Sent,
     /// The item ended without a send (`already_invited`, `job_closed`, …) or failed.
@@ -52,20 +52,20 @@ pub enum Delivery {
 
 /// What one attempt ended in, to be recorded.
 #[derive(Debug)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The item as phase 1 read it, under its lock.
-    pub item: Box<PreparedItem>,
+    pub(crate) item: Box<PreparedItem>,
     /// The task that made the attempt: if the item names another one now, or is no
     /// longer pending, the outcome is stale (cancelled while the message was on its
     /// way) and is dropped.
-    pub task_id: String,
-    pub attempt: i32,
-    pub result: Attempted,
+    pub(crate) task_id: String,
+    pub(crate) attempt: i32,
+    pub(crate) result: Attempted,
 }
 
 /// What happened to the item.
 #[derive(Debug)]
-pub enum Attempted {
+pub(crate) enum Attempted {
     /// The message was handed to the mail server: accepted, or refused with a reply.
     Sent(Result<(), SendError>),
     /// Phase 1 ended the item without a send (`job_closed`, `invalid_email`,
@@ -77,9 +77,9 @@ pub enum Attempted {
 }
 
 /// Writes groups of outcomes.
-pub struct Recorder {
-    pub pool: PgPool,
-    pub retry: RetrySettings,
+pub(crate) struct Recorder {
+    pub(crate) pool: PgPool,
+    pub(crate) retry: RetrySettings,
 }
 
 impl GroupWrite for Recorder {
@@ -298,29 +298,29 @@ fn log(outcome: &Outcome, result: &Delivery) {
     match (result, &outcome.result) {
         (Delivery::Sent, _) => {
             metrics::counter!("invites_sent_total").increment(1);
-            tracing::info!(item = %item.id, batch = %item.batch_id, request_id, %to,
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 attempt = outcome.attempt, "sent");
         }
         (Delivery::RetryScheduled { delay, .. }, Attempted::Sent(Err(e))) => {
             metrics::counter!("invite_send_retries_total").increment(1);
-            tracing::warn!(item = %item.id, batch = %item.batch_id, request_id, %to,
+            tracing::warn!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 attempt = outcome.attempt,
                 delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 error = %e.detail(), "send failed; retry scheduled");
         }
         (Delivery::Ended(reason), Attempted::Sent(Err(e))) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
-            tracing::info!(item = %item.id, batch = %item.batch_id, request_id, %to,
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 status = %reason.status(), reason = %reason, detail = %e.detail(), "item failed");
         }
         (Delivery::Ended(reason), Attempted::NotSent { detail, .. }) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
-            tracing::info!(item = %item.id, batch = %item.batch_id, request_id, %to,
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 status = %reason.status(), reason = %reason,
                 detail = detail.as_deref().unwrap_or(""), "item ended without a send");
         }
         (Delivery::NothingToDo, _) => {
-            tracing::info!(item = %item.id, batch = %item.batch_id, request_id,
+            tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id,
                 "outcome not recorded: the item was cancelled or taken by another task meanwhile");
         }
         _ => {}
@@ -330,7 +330,7 @@ fn log(outcome: &Outcome, result: &Delivery) {
 /// The wait before attempt `attempt + 1`: exponential from `initial_delay_ms` by
 /// `multiplier`, capped at `max_delay_ms` (backon's schedule), then spread by
 /// ±`jitter` so a burst of failures does not come back as a burst.
-pub fn retry_delay(retry: &RetrySettings, attempt: i32) -> Duration {
+pub(crate) fn retry_delay(retry: &RetrySettings, attempt: i32) -> Duration {
     let nominal = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(retry.initial_delay_ms))
         .with_max_delay(Duration::from_millis(retry.max_delay_ms))

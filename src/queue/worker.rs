@@ -121,7 +121,7 @@ fn hostname() -> String {
 /// finish and their outcomes be written, all within `worker.shutdown_timeout_secs` of
 /// the cancel. Tasks still running after that are recovered by another worker once
 /// this one's heartbeat lapses.
-pub async fn run(
+pub(crate) async fn run(
     deliverer: Arc<Deliverer>,
     settings: &Settings,
     shutdown: CancellationToken,

@@ -345,6 +345,16 @@ async fn a_batch_survives_its_database_connections_being_cut_mid_way() {
     assert_every_item_sent(&app, &id, 100).await;
     let repeated = check_everyone_received(&app, &people);
     eprintln!("{repeated} candidates received a message twice after the connections were cut");
+    // Each cut can cost at most the messages in flight (sent, outcome not yet committed:
+    // `worker.concurrency` of them) if their outcomes' writes fail with the connection.
+    // The group writer writes again on a fresh connection, so usually none repeats.
+    let bound = terminated.len() * app.settings.worker.concurrency;
+    assert!(
+        repeated <= bound,
+        "{repeated} candidates got a repeat; at most {bound} may ({} cuts × {} in flight)",
+        terminated.len(),
+        app.settings.worker.concurrency
+    );
 
     // Tasks of a worker that died with its connection are recovered after
     // recover_after_secs; then none may stay Running or Queued.
@@ -662,6 +672,81 @@ async fn logs_show_masked_addresses_but_no_address_link_token_or_api_key() {
         let leaks = lines_with(value);
         assert!(leaks.is_empty(), "{what} appears in the log: {leaks:#?}");
     }
+}
+
+/// One id follows a batch from its HTTP request to the worker's lines about its items:
+/// the request id a client sends (or one the service makes up) is answered back,
+/// names the request's span, and is carried by every outcome the worker logs for the
+/// batch, in another process than the one that took the request.
+#[tokio::test]
+async fn the_request_id_of_a_batch_reaches_the_workers_log_lines_for_its_items() {
+    let mut app = prepare_app_with(|_| {}).await;
+    let mut api = Service::new("api", &app.settings)
+        .env("RUST_LOG", "info")
+        .start("api");
+    api.wait_ready(READY).await;
+    let mut work = Service::new("work", &app.settings)
+        .env("RUST_LOG", "info")
+        .start("work");
+    app.base = api.base();
+    app.open_job("job-1").await;
+
+    let body =
+        json!({"job_id": "job-1", "duration_minutes": 30, "candidates": candidates("traced", 3)});
+    let response = app
+        .client
+        .post(app.url("/v1/batches"))
+        .bearer_auth(KEY)
+        .header("x-request-id", "req-trace-42")
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("req-trace-42"),
+        "the client's id is answered back"
+    );
+    let batch: Value = response.json().await.expect("json");
+    let id = batch["id"].as_str().expect("an id").to_owned();
+    let made_up = app.get("/v1/jobs/job-1").await;
+    let generated = made_up
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        uuid::Uuid::parse_str(&generated).is_ok(),
+        "a request without an id gets one: {generated:?}"
+    );
+    app.wait_until_completed(&id).await;
+
+    for process in [&mut api, &mut work] {
+        process.terminate();
+        process.wait_exit(Duration::from_secs(60)).await;
+    }
+    let api_log = api.stderr();
+    assert!(
+        api_log
+            .lines()
+            .any(|l| l.contains("req-trace-42") && l.contains("batch enqueued")),
+        "the API's line about the batch names the request id:\n{api_log}"
+    );
+    let work_log = work.stderr();
+    let sent: Vec<&str> = work_log
+        .lines()
+        .filter(|l| l.contains(" sent") && l.contains(&id))
+        .collect();
+    assert_eq!(sent.len(), 3, "one line per sent item:\n{work_log}");
+    assert!(
+        sent.iter().all(|l| l.contains("request_id=req-trace-42")),
+        "every worker line about the batch names its request id: {sent:#?}"
+    );
 }
 
 /// Found by the connection-cut test above: a database error ends the apalis worker,

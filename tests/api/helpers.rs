@@ -57,6 +57,47 @@ pub struct TestApp {
     pub pool: PgPool,
     pub settings: Settings,
     pub running: Option<RunningApp>,
+    /// Last, so it is dropped after everything that uses the database.
+    pub database: TestDatabase,
+}
+
+/// The test's own database, dropped when the test ends, also when it fails: dropping
+/// this (on a panic too, while the stack unwinds) drops the database, with `FORCE`, so
+/// connections a service of the test still holds do not keep it.
+pub struct TestDatabase {
+    pub name: String,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let url = format!("{}/postgres", server_url());
+        // A runtime of its own on a thread of its own: `drop` may run inside the test's
+        // runtime, which must not be blocked on, or while it unwinds.
+        let dropped = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&url).await?;
+                // The name is ours (iw_test_ and a UUID), not input.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+                conn.close().await?;
+                Ok(())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: test database {} not dropped: {e:#}", self.name),
+            Err(_) => eprintln!("warning: test database {} not dropped", self.name),
+        }
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -67,6 +108,9 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let smtp = SmtpServer::start().await.expect("SMTP server starts");
     let mut settings = test_settings(smtp.port());
     configure(&mut settings);
+    let database = TestDatabase {
+        name: database_name(&settings),
+    };
     app::migrate(&settings).await.expect("migrations apply");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let running = app::start(settings.clone(), Role::All, listener)
@@ -81,6 +125,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         pool,
         settings,
         running: Some(running),
+        database,
     }
 }
 
@@ -224,7 +269,7 @@ pub fn link_in(body: &str, base: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-// ---- Helpers added for tests/api/rails.rs ----
+// ---- Requests the lifecycle tests make ----
 
 impl TestApp {
     /// `POST {path}` with a JSON body and the bearer key.
@@ -351,7 +396,7 @@ impl TestApp {
     }
 }
 
-// ---- Helpers added for tests/api/faults.rs (services run as child processes) ----
+// ---- Services run as child processes (the fault tests) ----
 
 /// An HTTP client whose every request gives up after 10 s, so a hung service fails the
 /// test instead of hanging it.
@@ -370,6 +415,9 @@ pub async fn prepare_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp 
     let smtp = SmtpServer::start().await.expect("SMTP server starts");
     let mut settings = test_settings(smtp.port());
     configure(&mut settings);
+    let database = TestDatabase {
+        name: database_name(&settings),
+    };
     app::migrate(&settings).await.expect("migrations apply");
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
@@ -384,6 +432,7 @@ pub async fn prepare_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp 
         pool,
         settings,
         running: None,
+        database,
     }
 }
 

@@ -3,13 +3,14 @@
 
 mod delivery;
 mod faults;
+mod harness;
 mod helpers;
-mod hostile;
+mod lifecycle;
 mod main_path;
 mod openapi;
 mod plans;
 mod process;
-mod rails;
+mod queue_maintenance;
 mod rejections;
-mod resilience;
 mod restart;
+mod untrusted_input;

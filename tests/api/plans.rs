@@ -8,7 +8,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use invite_worker::db::{self, tasks::RECORD_OUTCOMES};
+use invite_worker::db::{
+    self,
+    tasks::{DELETE_FINISHED_TASKS, RECORD_OUTCOMES},
+};
 use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::{Layer, layer::SubscriberExt};
@@ -183,4 +186,48 @@ impl<S: tracing::Subscriber> Layer<S> for Notices {
             }
         }
     }
+}
+
+/// Deleting finished tasks reads only the finished tasks of the queue that are old
+/// enough, through the partial index `apalis_jobs_finished`, not every row of
+/// `apalis.jobs`: with 100,000 recently finished tasks kept (none old enough yet), the
+/// plan is an index scan and reads no other row.
+#[tokio::test]
+async fn deleting_finished_tasks_reads_an_index_not_the_whole_queue() {
+    let app = prepare_app_with(|_| {}).await;
+    sqlx::raw_sql(
+        "INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at,
+                                  priority, metadata, done_at)
+         SELECT lpad(n::text, 26, '0'), 'invite-worker::send-invite', '\\x7b7d'::bytea,
+                CASE WHEN n % 50 = 0 THEN 'Pending' ELSE 'Done' END, 1, 10, now(), 0,
+                ''::hstore, CASE WHEN n % 50 = 0 THEN NULL ELSE now() END
+           FROM generate_series(1, 100000) AS n;
+         ANALYZE apalis.jobs;",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("100,000 tasks, analysed");
+    let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (FORMAT JSON, ANALYZE, BUFFERS) {}",
+        DELETE_FINISHED_TASKS
+            .replace("$1", "'invite-worker::send-invite'")
+            .replace("$2", "3600")
+    )))
+    .fetch_one(&app.pool)
+    .await
+    .expect("explains");
+    let mut scans = Vec::new();
+    table_scans(&plan[0]["Plan"], &mut scans);
+    assert!(
+        scans.iter().all(|(node, _, _)| node != "Seq Scan"),
+        "no sequential scan: {plan:#}"
+    );
+    assert!(
+        plan.to_string().contains("\"apalis_jobs_finished\""),
+        "the finished-tasks index: {plan:#}"
+    );
+    let deleted: u64 = plan[0]["Plan"]["Plans"][0]["Actual Rows"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(deleted, 0, "nothing was old enough");
 }

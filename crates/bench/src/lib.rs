@@ -237,15 +237,16 @@ async fn interrupted() -> &'static str {
     "SIGINT"
 }
 
-/// `e`, explained by the service's death when it died.
-fn why(svc: &mut Service, e: anyhow::Error) -> anyhow::Error {
+/// `e`, with the service's exit status and the end of its log when it has died.
+fn with_service_exit(svc: &mut Service, e: anyhow::Error) -> anyhow::Error {
     match svc.check_alive() {
         Ok(()) => e,
         Err(dead) => e.context(format!("{dead:#}")),
     }
 }
 
-fn say(line: impl AsRef<str>) {
+/// Prints one line of progress at once (stdout may be a pipe).
+fn progress(line: impl AsRef<str>) {
     println!("{}", line.as_ref());
     let _ = std::io::stdout().flush();
 }
@@ -266,11 +267,11 @@ async fn measure(
         .unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    say(format!(
+    progress(format!(
         "invite-worker bench{} — run {run_id}",
         if args.quick { " --quick" } else { "" }
     ));
-    say(format!("  machine   {cpus} CPUs, load average {load}"));
+    progress(format!("  machine   {cpus} CPUs, load average {load}"));
 
     // 1. A fresh database, migrated by the service's own code.
     let main_db = format!("invites_bench_{run_id}");
@@ -278,7 +279,7 @@ async fn measure(
     let mut service_settings = settings.clone();
     service_settings.database.url = Secret::new(url.clone());
     app::migrate(&service_settings).await?;
-    say(format!("  database  {main_db} (created, migrated)"));
+    progress(format!("  database  {main_db} (created, migrated)"));
     let bench_pool = PgPoolOptions::new()
         .max_connections(2)
         .connect_with(PgConnectOptions::from_str(&url)?.application_name("invite-worker-bench"))
@@ -289,7 +290,7 @@ async fn measure(
     let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
         .fetch_one(&bench_pool)
         .await?;
-    say(format!(
+    progress(format!(
         "  postgres  {postgres}, synchronous_commit = {synchronous_commit}"
     ));
 
@@ -328,12 +329,12 @@ async fn measure(
     // Exactly what the child will load: the shipped defaults plus this environment.
     let child = Settings::load_from(&dir.join("worker.toml"), false, env.clone())
         .map_err(|e| anyhow!("the service's settings: {e}"))?;
-    say(format!(
+    progress(format!(
         "  service   {} serve (pid below), mail.rate_per_second = {} — set by the bench; the shipped default (50/s) would cap every figure",
         exe.display(),
         child.mail.rate_per_second
     ));
-    say(format!(
+    progress(format!(
         "            worker.concurrency = {}, database.max_connections = {}, worker.poll_interval_ms = {} (shipped defaults{})",
         child.worker.concurrency,
         child.database.max_connections,
@@ -348,7 +349,7 @@ async fn measure(
     let ready_in = svc
         .wait_ready(&pipeline::client()?, timeout.min(Duration::from_secs(60)))
         .await?;
-    say(format!(
+    progress(format!(
         "            pid {}, ready in {} ms at {}; SMTP sink on port {}",
         svc.pid,
         ready_in.as_millis(),
@@ -369,7 +370,7 @@ async fn measure(
 
     // 4. The pipeline.
     let c = counts;
-    say(format!(
+    progress(format!(
         "[1/4] enqueue latency: {} sequential POST /v1/batches of {} …",
         c.enqueue_posts, c.batch_size
     ));
@@ -384,14 +385,14 @@ async fn measure(
         timeout,
     )
     .await
-    .map_err(|e| why(&mut svc, e))?;
+    .map_err(|e| with_service_exit(&mut svc, e))?;
     problems.extend(p);
-    say(format!(
+    progress(format!(
         "      p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; all {} batches completed after {:.1} s",
         enqueue.p50_ms, enqueue.p99_ms, enqueue.max_ms, enqueue.posts, enqueue.drain_secs
     ));
 
-    say(format!(
+    progress(format!(
         "[2/4] time to a full batch: {} × one batch of {} on an idle service …",
         c.full_batch_samples, c.batch_size
     ));
@@ -405,9 +406,9 @@ async fn measure(
         timeout,
     )
     .await
-    .map_err(|e| why(&mut svc, e))?;
+    .map_err(|e| with_service_exit(&mut svc, e))?;
     problems.extend(p);
-    say(format!(
+    progress(format!(
         "      median {:.0} ms (samples: {})",
         full_batch.median_ms,
         full_batch
@@ -418,7 +419,7 @@ async fn measure(
             .join(", ")
     ));
 
-    say(format!(
+    progress(format!(
         "[3/4] sustained: {} invites = {} batches from {} concurrent clients …",
         c.sustained_batches * c.batch_size,
         c.sustained_batches,
@@ -438,9 +439,9 @@ async fn measure(
         timeout,
     )
     .await
-    .map_err(|e| why(&mut svc, e))?;
+    .map_err(|e| with_service_exit(&mut svc, e))?;
     problems.extend(p);
-    say(format!(
+    progress(format!(
         "      {:.0} invites/s over {:.1} s, peak RSS {:.1} MB, tallies {}",
         sustained.invites_per_sec,
         sustained.secs,
@@ -454,20 +455,20 @@ async fn measure(
     drop(smtp);
 
     // 5. The floor, each in a fresh database, with the service stopped.
-    say(format!(
+    progress(format!(
         "[4/4] floor: apalis no-op × {} (defaults, service settings), raw SQL × {}, {} commits …",
         c.floor_tasks, c.floor_tasks, c.commits
     ));
     let fa = scratch.create(&format!("{main_db}_fa")).await?;
     let apalis_default =
         floor::apalis(Setup::Defaults, &fa, &child, c.floor_tasks, timeout).await?;
-    say(format!(
+    progress(format!(
         "      apalis defaults:         {:.0} tasks/s",
         apalis_default.tasks_per_sec
     ));
     let fb = scratch.create(&format!("{main_db}_fb")).await?;
     let apalis_service = floor::apalis(Setup::Service, &fb, &child, c.floor_tasks, timeout).await?;
-    say(format!(
+    progress(format!(
         "      apalis service settings: {:.0} tasks/s",
         apalis_service.tasks_per_sec
     ));
@@ -483,18 +484,18 @@ async fn measure(
         timeout,
     )
     .await?;
-    say(format!(
+    progress(format!(
         "      raw SQL, {} per claim:   {:.0} rows/s",
         raw_sql.claim, raw_sql.rows_per_sec
     ));
     let raw_sql_single =
         floor::raw_sql(&fr, "bench_raw_single", c.floor_tasks, conns, 1, timeout).await?;
-    say(format!(
+    progress(format!(
         "      raw SQL, 1 per claim:    {:.0} rows/s",
         raw_sql_single.rows_per_sec
     ));
     let commit = floor::commit_latency(&fr, c.commits).await?;
-    say(format!(
+    progress(format!(
         "      one commit:              p50 {:.2} ms",
         commit.p50_ms
     ));

@@ -1,5 +1,6 @@
-//! The recruiter's rails around the main path: preview, idempotent create, retry with
-//! corrections, cancel, single-use links and their transitions, and the list routes.
+//! The lifecycle of a batch and its invitations around the main path: preview,
+//! idempotent create, retry with corrections, cancel, single-use links and their
+//! transitions, and the list routes.
 
 use std::{collections::HashMap, collections::HashSet, time::Duration};
 
@@ -89,7 +90,7 @@ async fn invitation_ids(app: &TestApp, batch_id: &str) -> HashMap<String, String
 }
 
 /// `POST /v1/invitations/{id}/{action}` (`complete` or `revoke`).
-async fn act(app: &TestApp, invitation_id: &str, action: &str) -> reqwest::Response {
+async fn post_transition(app: &TestApp, invitation_id: &str, action: &str) -> reqwest::Response {
     app.post_empty(&format!("/v1/invitations/{invitation_id}/{action}"))
         .await
 }
@@ -657,7 +658,7 @@ async fn expired_and_revoked_links_are_refused_and_invitations_move_only_along_t
     expect_problem(r, StatusCode::GONE, "token_expired").await;
     assert_eq!(invitation_status(&app, expired).await, "EXPIRED");
     expect_problem(
-        act(&app, expired, "revoke").await,
+        post_transition(&app, expired, "revoke").await,
         StatusCode::CONFLICT,
         "invalid_transition",
     )
@@ -665,7 +666,7 @@ async fn expired_and_revoked_links_are_refused_and_invitations_move_only_along_t
 
     // Revocation.
     let revoked = &invitations["e-1"];
-    let r = act(&app, revoked, "revoke").await;
+    let r = post_transition(&app, revoked, "revoke").await;
     assert_eq!(r.status(), StatusCode::OK);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["status"], "REVOKED", "{body}");
@@ -673,7 +674,7 @@ async fn expired_and_revoked_links_are_refused_and_invitations_move_only_along_t
     expect_problem(r, StatusCode::GONE, "token_expired").await;
     assert_eq!(invitation_status(&app, revoked).await, "REVOKED");
     expect_problem(
-        act(&app, revoked, "revoke").await,
+        post_transition(&app, revoked, "revoke").await,
         StatusCode::CONFLICT,
         "invalid_transition",
     )
@@ -682,7 +683,7 @@ async fn expired_and_revoked_links_are_refused_and_invitations_move_only_along_t
     // PENDING → IN_PROGRESS → COMPLETED, and nothing else.
     let live = &invitations["e-2"];
     expect_problem(
-        act(&app, live, "complete").await,
+        post_transition(&app, live, "complete").await,
         StatusCode::CONFLICT,
         "invalid_transition",
     )
@@ -694,19 +695,19 @@ async fn expired_and_revoked_links_are_refused_and_invitations_move_only_along_t
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["id"], live.as_str());
     assert_eq!(body["status"], "IN_PROGRESS");
-    let r = act(&app, live, "complete").await;
+    let r = post_transition(&app, live, "complete").await;
     assert_eq!(r.status(), StatusCode::OK);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["status"], "COMPLETED", "{body}");
     assert_eq!(invitation_status(&app, live).await, "COMPLETED");
     expect_problem(
-        act(&app, live, "revoke").await,
+        post_transition(&app, live, "revoke").await,
         StatusCode::CONFLICT,
         "invalid_transition",
     )
     .await;
     expect_problem(
-        act(&app, live, "complete").await,
+        post_transition(&app, live, "complete").await,
         StatusCode::CONFLICT,
         "invalid_transition",
     )

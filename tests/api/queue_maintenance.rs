@@ -1,4 +1,5 @@
-//! Faults the queue must absorb: poison payloads, stranded items, unbounded growth.
+//! Queue maintenance: poison payloads killed, stranded items requeued, stuck tasks
+//! rescued, finished tasks deleted.
 
 use std::time::Duration;
 

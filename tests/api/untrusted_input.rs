@@ -1,4 +1,4 @@
-//! Hostile input: whatever arrives, the answer is never a 5xx, every error is
+//! Untrusted input: whatever arrives, the answer is never a 5xx, every error is
 //! problem+json with a code, nothing reaches a mail header it should not, and what is
 //! stored comes back verbatim.
 
