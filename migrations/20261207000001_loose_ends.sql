@@ -1,7 +1,6 @@
--- Three loose ends: the rule of a live invitation exists once (it was a Rust constant
+-- Two loose ends: the rule of a live invitation exists once (it was a Rust constant
 -- and a copy inside prepare_items); the request that created a batch is remembered, so
--- the worker's logs for its items name the same request id as the API's; and pruning
--- finished queue tasks reads an index instead of every row of apalis.jobs.
+-- the worker's logs for its items name the same request id as the API's.
 
 -- A live invitation blocks another for the same (job, candidate): PENDING and not
 -- expired, or IN_PROGRESS. A one-expression SQL function, inlined by the planner where
@@ -23,12 +22,6 @@ $$;
 ALTER TABLE batches ADD COLUMN request_id text
     CHECK (request_id IS NULL OR length(request_id) BETWEEN 1 AND 200);
 ALTER TYPE prepare_item ADD ATTRIBUTE request_id text;
-
--- Finished tasks of a queue, by when they finished: what the periodic prune deletes
--- (without it, every prune read all of apalis.jobs). Partial, so pending and running
--- tasks, which the workers' own queries look at, are not in it.
-CREATE INDEX apalis_jobs_finished ON apalis.jobs (job_type, done_at)
-    WHERE status IN ('Done', 'Killed', 'Failed');
 
 -- prepare_items as before, with the two changes above: the live-invitation rule is the
 -- function, and the item carries its batch's request id.

@@ -306,10 +306,37 @@ pub(crate) async fn delete_finished_tasks(
     let deleted = sqlx::query(DELETE_FINISHED_TASKS)
         .bind(QUEUE)
         .bind(older_than.as_secs_f64())
+        .bind(task_id_made_before(older_than))
         .execute(pool)
         .await?;
     Ok(deleted.rows_affected())
 }
 
+/// The smallest task id that could be made `ago` from now (a ULID: 48 bits of Unix
+/// milliseconds, then randomness): every task made earlier has a smaller id.
+pub(crate) fn task_id_made_before(ago: Duration) -> String {
+    let cutoff = std::time::SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let ms = ulid::Ulid::from_datetime(cutoff).timestamp_ms();
+    ulid::Ulid::from_parts(ms, 0).to_string()
+}
+
 /// The statement of [`delete_finished_tasks`].
 pub const DELETE_FINISHED_TASKS: &str = include_str!("sql/delete_finished_tasks.sql");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_made_before_the_cutoff_has_a_smaller_id_and_one_made_after_a_larger() {
+        let before =
+            ulid::Ulid::from_datetime(std::time::SystemTime::now() - Duration::from_secs(7200))
+                .to_string();
+        let cutoff = task_id_made_before(Duration::from_secs(3600));
+        let after = new_task_id();
+        assert!(before < cutoff, "{before} < {cutoff}");
+        assert!(cutoff < after, "{cutoff} < {after}");
+    }
+}
