@@ -113,6 +113,10 @@ pub struct SmtpSettings {
     pub username: String,
     pub password: Secret,
     pub timeout_secs: u64,
+    /// A PEM certificate to trust for the server's TLS, besides the system's roots (a
+    /// private relay's own CA); absent or empty: the system's roots only.
+    #[serde(default, deserialize_with = "optional_path")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,6 +340,12 @@ fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Any::Float(f) => f.to_string(),
         Any::Bool(b) => b.to_string(),
     })
+}
+
+/// A path, or nothing for an empty string (env cannot unset a key).
+fn optional_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let raw = string(d)?;
+    Ok((!raw.trim().is_empty()).then(|| PathBuf::from(raw.trim())))
 }
 
 /// A TOML array, or a comma-separated string (lists given in env).

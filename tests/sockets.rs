@@ -2,13 +2,18 @@
 //!
 //! A statement (or message) the kernel sends in more than one segment waits for the
 //! peer's delayed ACK (up to 40 ms on Linux) unless `TCP_NODELAY` is set: sqlx 0.9.0
-//! dropped it (transact-rs/sqlx#4335; 0.9.1 sets it again), which once cost 40 ms per
-//! batch created. This test binary opens no other sockets, so every TCP socket of the
-//! process to the database server is one the product opened.
+//! dropped it (transact-rs/sqlx#4335; 0.9.1 sets it again), and lettre 0.11.23 never
+//! sets it on its SMTP sockets (the mailer opens them itself). Each test looks only at
+//! sockets to its own server's port, and shows first that the check sees a socket
+//! without the option.
 
 use std::os::fd::BorrowedFd;
 
-use invite_worker::config::{DatabaseSettings, Secret};
+use invite_worker::{
+    config::{DatabaseSettings, Secret, Settings},
+    mail::Mailer,
+};
+use smtp_testkit::SmtpServer;
 use socket2::SockRef;
 
 /// The database server the tests use; `TEST_DATABASE_URL` overrides (no database name).
@@ -53,6 +58,7 @@ async fn every_database_connection_of_the_pool_sets_tcp_nodelay() {
         .parse::<sqlx::postgres::PgConnectOptions>()
         .expect("a postgres URL")
         .get_port();
+    drop(control_without_nodelay(port).await);
     let pool = invite_worker::db::connect(&DatabaseSettings {
         url: Secret::new(url),
         max_connections: 4,
@@ -76,4 +82,53 @@ async fn every_database_connection_of_the_pool_sets_tcp_nodelay() {
     }
     drop(held);
     pool.close().await;
+}
+
+/// A socket the check must flag: connected to `port` without `TCP_NODELAY`.
+async fn control_without_nodelay(port: u16) -> tokio::net::TcpStream {
+    let control = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("a control connection");
+    control.set_nodelay(false).expect("nodelay off");
+    let flagged = sockets_to(port).iter().any(|(_, nodelay)| !nodelay);
+    assert!(flagged, "the check sees a socket without TCP_NODELAY");
+    control
+}
+
+#[tokio::test]
+async fn every_smtp_connection_of_the_mailer_sets_tcp_nodelay() {
+    let smtp = SmtpServer::start().await.expect("SMTP server starts");
+    let control = control_without_nodelay(smtp.port()).await;
+    drop(control);
+
+    let port = smtp.port().to_string();
+    let settings = Settings::load_from(
+        std::path::Path::new("/nonexistent/worker.toml"),
+        false,
+        [
+            ("INVITES_MAIL__TRANSPORT", "smtp"),
+            ("INVITES_SMTP__PORT", port.as_str()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    )
+    .expect("settings");
+    let mailer = Mailer::new(&settings).expect("a mailer");
+    let message = |to: &str| {
+        lettre::Message::builder()
+            .from(settings.mail.from.parse().expect("mail.from"))
+            .to(to.parse().expect("an address"))
+            .subject("Interview")
+            .body("hello".to_owned())
+            .expect("a message")
+    };
+    // Two at once, so the pool holds two connections.
+    let (first, second) = (message("a@example.com"), message("b@example.com"));
+    let (a, b) = tokio::join!(mailer.send("a", &first), mailer.send("b", &second));
+    assert_eq!((a, b), (Ok(()), Ok(())));
+
+    let sockets = sockets_to(smtp.port());
+    assert!(!sockets.is_empty(), "the mailer keeps its connections open");
+    for (fd, nodelay) in &sockets {
+        assert!(nodelay, "fd {fd}: an SMTP connection without TCP_NODELAY");
+    }
 }

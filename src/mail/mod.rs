@@ -2,26 +2,20 @@
 //! whole-command timeout, and the classification every retry decision rests on.
 
 pub mod render;
+mod smtp;
 
 use std::{
     num::NonZeroU32,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use lettre::{
-    AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
-    message::Mailbox,
-    transport::smtp::{
-        PoolConfig,
-        authentication::Credentials,
-        client::{Tls, TlsParameters},
-    },
-};
+use lettre::{Message, message::Mailbox};
 
-use crate::config::{MailTransport, Settings, SmtpTls};
+use self::smtp::{SmtpClient, SmtpError};
+use crate::config::{MailTransport, Settings};
 
 /// Why a send did not go through, split the way the retry policy needs it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,15 +38,9 @@ impl SendError {
     }
 }
 
-type Smtp = AsyncSmtpTransport<Tokio1Executor>;
-
 enum Transport {
-    /// Replaced after a timeout: a cancelled send may leave a half-finished connection
-    /// in lettre's pool, which would hand the next send someone else's reply.
-    Smtp(Arc<SmtpSlot>),
-    File {
-        dir: PathBuf,
-    },
+    Smtp(Arc<SmtpClient>),
+    File { dir: PathBuf },
 }
 
 /// Sends invitation emails. Cheap to share (`Arc<Mailer>`).
@@ -71,10 +59,7 @@ impl Mailer {
             .parse()
             .map_err(|e| anyhow::anyhow!("mail.from: {e}"))?;
         let transport = match settings.mail.transport {
-            MailTransport::Smtp => Transport::Smtp(Arc::new(SmtpSlot {
-                current: RwLock::new(Arc::new(build_smtp(settings)?)),
-                settings: settings.clone(),
-            })),
+            MailTransport::Smtp => Transport::Smtp(Arc::new(SmtpClient::new(settings)?)),
             MailTransport::File => {
                 std::fs::create_dir_all(&settings.mail.outbox_dir).map_err(|e| {
                     anyhow::anyhow!(
@@ -106,88 +91,31 @@ impl Mailer {
     ///
     /// Cancel-safe: the SMTP exchange runs in a task of its own, so a caller dropped
     /// mid-send (a worker ended by a database error drops its handlers) never leaves a
-    /// half-finished connection in the pool for the next send to trip over.
+    /// half-finished connection in the pool for the next send to trip over; an exchange
+    /// that outlasts `smtp.timeout_secs` is dropped with its connection.
     pub async fn send(&self, key: &str, message: &Message) -> Result<(), SendError> {
         self.limiter.until_ready().await;
         match &self.transport {
             Transport::File { dir } => write_eml(dir, key, message).await,
-            Transport::Smtp(slot) => {
-                let (slot, message, timeout) = (Arc::clone(slot), message.clone(), self.timeout);
-                tokio::spawn(async move { slot.send(message, timeout).await })
+            Transport::Smtp(client) => {
+                let (client, timeout) = (Arc::clone(client), self.timeout);
+                let (envelope, bytes) = (message.envelope().clone(), message.formatted());
+                let exchange = async move {
+                    match tokio::time::timeout(timeout, client.send(&envelope, &bytes)).await {
+                        Ok(Ok(_reply)) => Ok(()),
+                        Ok(Err(e)) => Err(classify(&e)),
+                        Err(_elapsed) => Err(SendError::Transient(format!(
+                            "timeout: no reply within {} s",
+                            timeout.as_secs()
+                        ))),
+                    }
+                };
+                tokio::spawn(exchange)
                     .await
                     .unwrap_or_else(|e| Err(SendError::Transient(format!("send task failed: {e}"))))
             }
         }
     }
-}
-
-/// The SMTP transport in use, replaceable as a whole.
-struct SmtpSlot {
-    current: RwLock<Arc<Smtp>>,
-    settings: Settings,
-}
-
-impl SmtpSlot {
-    async fn send(&self, message: Message, timeout: Duration) -> Result<(), SendError> {
-        let smtp = self
-            .current
-            .read()
-            .map(|t| Arc::clone(&t))
-            .unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()));
-        match tokio::time::timeout(timeout, smtp.send(message)).await {
-            Ok(Ok(_response)) => Ok(()),
-            Ok(Err(e)) => {
-                let (error, connection_suspect) = classify(&e);
-                if connection_suspect {
-                    self.replace(&smtp);
-                }
-                Err(error)
-            }
-            Err(_elapsed) => {
-                self.replace(&smtp);
-                Err(SendError::Transient(format!(
-                    "timeout: no reply within {} s",
-                    timeout.as_secs()
-                )))
-            }
-        }
-    }
-
-    /// Swaps in a fresh transport (a new, empty pool) unless another send did already.
-    fn replace(&self, stale: &Arc<Smtp>) {
-        let Ok(fresh) = build_smtp(&self.settings) else {
-            return;
-        };
-        let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if Arc::ptr_eq(&slot, stale) {
-            tracing::warn!("discarding the SMTP connection pool");
-            *slot = Arc::new(fresh);
-        }
-    }
-}
-
-fn build_smtp(settings: &Settings) -> anyhow::Result<Smtp> {
-    let s = &settings.smtp;
-    let mut builder = Smtp::builder_dangerous(&s.host)
-        .port(s.port)
-        .timeout(Some(settings.smtp_timeout()))
-        .pool_config(
-            PoolConfig::new()
-                .max_size(u32::try_from(settings.worker.concurrency).unwrap_or(u32::MAX))
-                .idle_timeout(Duration::from_secs(30)),
-        );
-    builder = match s.tls {
-        SmtpTls::None => builder.tls(Tls::None),
-        SmtpTls::Starttls => builder.tls(Tls::Required(TlsParameters::new(s.host.clone())?)),
-        SmtpTls::Tls => builder.tls(Tls::Wrapper(TlsParameters::new(s.host.clone())?)),
-    };
-    if !s.username.is_empty() {
-        builder = builder.credentials(Credentials::new(
-            s.username.clone(),
-            s.password.expose().to_owned(),
-        ));
-    }
-    Ok(builder.build())
 }
 
 /// 5xx is permanent for the recipient; a 4xx, a refused or dropped connection, a
@@ -196,9 +124,12 @@ fn build_smtp(settings: &Settings) -> anyhow::Result<Smtp> {
 /// Message-ID and link). Some 5xx replies are not about the recipient at all but about
 /// us — a protocol slip (503, 5.5.x), authentication (530, 534, 535, 538), the sender
 /// address (5.1.7, 5.1.8) — and must not fail a candidate for good: they are treated
-/// as transient and logged as configuration problems. The flag says whether the
-/// connection itself is suspect and should not be reused.
-fn classify(e: &lettre::transport::smtp::Error) -> (SendError, bool) {
+/// as transient and logged as configuration problems.
+fn classify(e: &SmtpError) -> SendError {
+    let e = match e {
+        SmtpError::Connect(io) => return SendError::Transient(format!("connection failed: {io}")),
+        SmtpError::Smtp(e) => e,
+    };
     let text = e.to_string();
     let detail = match e.status() {
         // "permanent error (550): 5.1.1 user unknown" → "550 5.1.1 user unknown"
@@ -209,8 +140,7 @@ fn classify(e: &lettre::transport::smtp::Error) -> (SendError, bool) {
         None => text,
     };
     if !e.is_permanent() {
-        let suspect = e.status().is_none();
-        return (SendError::Transient(detail), suspect);
+        return SendError::Transient(detail);
     }
     let code = e.status().map(|c| c.to_string()).unwrap_or_default();
     let enhanced = detail.split_whitespace().nth(1).unwrap_or_default();
@@ -220,9 +150,9 @@ fn classify(e: &lettre::transport::smtp::Error) -> (SendError, bool) {
         || matches!(enhanced, "5.1.7" | "5.1.8");
     if ours {
         tracing::error!(reply = %detail, "the mail server refused us, not the recipient: check [smtp] and mail.from");
-        (SendError::Transient(detail), true)
+        SendError::Transient(detail)
     } else {
-        (SendError::Permanent(detail), false)
+        SendError::Permanent(detail)
     }
 }
 

@@ -13,4 +13,5 @@ mod process;
 mod queue_maintenance;
 mod rejections;
 mod restart;
+mod smtp_tls;
 mod untrusted_input;

@@ -27,6 +27,7 @@ mod floor;
 mod pipeline;
 mod report;
 mod service;
+mod third_party;
 
 use std::{
     io::Write,
@@ -46,7 +47,7 @@ use tokio::time::Instant;
 use self::{
     floor::Setup,
     pipeline::Api,
-    report::{Floor, Machine, Ratios, Results, ServiceSetup},
+    report::{Floor, Machine, Ratios, Results, ServiceSetup, ThirdParty},
     service::Service,
 };
 use invite_worker::{
@@ -450,9 +451,77 @@ async fn measure(
     ));
 
     svc.kill();
-    let (log_warnings, log_errors) = service::log_levels(&svc.log);
-    let _ = tokio::time::timeout(Duration::from_secs(5), bench_pool.close()).await;
+    let (mut log_warnings, mut log_errors) = service::log_levels(&svc.log);
     drop(smtp);
+
+    // 3b. The same sustained run against a third-party server, and its capacity alone.
+    let server_version = third_party::ensure_installed()?;
+    let aiosmtpd = third_party::Aiosmtpd::start().await?;
+    let alone_messages = c.sustained_batches * c.batch_size / 2;
+    let alone_connections = child.worker.concurrency;
+    progress(format!(
+        "[3b] aiosmtpd {server_version} alone: {alone_messages} messages over {alone_connections} connections …"
+    ));
+    let alone_per_sec =
+        third_party::capacity_alone(&aiosmtpd, alone_messages, alone_connections).await?;
+    progress(format!("      {alone_per_sec:.0} messages/s"));
+    let third_env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "INVITES_SMTP__PORT" => (k.clone(), aiosmtpd.port.to_string()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    let mut svc = Service::spawn(&exe, &dir, &third_env, port)?;
+    svc.wait_ready(&pipeline::client()?, timeout.min(Duration::from_secs(60)))
+        .await?;
+    let third_job = format!("bench-{run_id}-third-party");
+    api.put_job(&third_job).await?;
+    progress(format!(
+        "[3b] sustained against aiosmtpd: {} invites = {} batches from {} concurrent clients …",
+        c.sustained_batches * c.batch_size,
+        c.sustained_batches,
+        c.clients
+    ));
+    let (third_sustained, p) = pipeline::sustained(
+        &api,
+        &aiosmtpd,
+        &mut svc,
+        &bench_pool,
+        &main_db,
+        &third_job,
+        &format!("{run_id}-t"),
+        c.sustained_batches,
+        c.batch_size,
+        c.clients,
+        timeout,
+    )
+    .await
+    .map_err(|e| with_service_exit(&mut svc, e))?;
+    problems.extend(p);
+    let ratio = report::ratio(third_sustained.invites_per_sec, alone_per_sec);
+    progress(format!(
+        "      {:.0} invites/s ({ratio:.2} × the server alone), tallies {}",
+        third_sustained.invites_per_sec,
+        if third_sustained.verified {
+            "OK"
+        } else {
+            "FAILED"
+        }
+    ));
+    svc.kill();
+    let (warnings, errors) = service::log_levels(&svc.log);
+    (log_warnings, log_errors) = (log_warnings + warnings, log_errors + errors);
+    drop(aiosmtpd);
+    let third_party = ThirdParty {
+        server: format!("aiosmtpd {server_version}"),
+        alone_per_sec,
+        alone_messages,
+        alone_connections,
+        sustained: third_sustained,
+        ratio,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), bench_pool.close()).await;
 
     // 5. The floor, each in a fresh database, with the service stopped.
     progress(format!(
@@ -542,6 +611,7 @@ async fn measure(
         enqueue,
         full_batch,
         sustained,
+        third_party,
         floor: Floor {
             apalis_default,
             apalis_service,

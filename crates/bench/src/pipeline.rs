@@ -22,6 +22,18 @@ use super::{
 };
 use smtp_testkit::SmtpServer;
 
+/// A mail server whose accepted messages the bench can count: our test sink, or a
+/// third-party server (`third_party::Aiosmtpd`).
+pub trait AcceptedCount: Sync {
+    fn accepted_count(&self) -> usize;
+}
+
+impl AcceptedCount for SmtpServer {
+    fn accepted_count(&self) -> usize {
+        SmtpServer::accepted_count(self)
+    }
+}
+
 /// The HTTP API of the service under test.
 #[derive(Clone)]
 pub struct Api {
@@ -150,7 +162,7 @@ pub fn batch_body(job_id: &str, tag: &str, size: usize) -> Value {
 
 /// Waits until the SMTP server accepted at least `target` messages in all.
 pub async fn wait_accepted(
-    smtp: &SmtpServer,
+    smtp: &dyn AcceptedCount,
     service: &mut Service,
     target: usize,
     deadline: Instant,
@@ -210,7 +222,7 @@ pub async fn verify_batches(
 }
 
 /// Checks that no more than `expected` messages reached the SMTP server in all.
-fn check_exact(smtp: &SmtpServer, expected: usize, problems: &mut Vec<String>) {
+fn check_exact(smtp: &dyn AcceptedCount, expected: usize, problems: &mut Vec<String>) {
     let got = smtp.accepted_count();
     if got != expected {
         problems.push(format!(
@@ -224,7 +236,7 @@ fn check_exact(smtp: &SmtpServer, expected: usize, problems: &mut Vec<String>) {
 #[allow(clippy::too_many_arguments)]
 pub async fn enqueue(
     api: &Api,
-    smtp: &SmtpServer,
+    smtp: &dyn AcceptedCount,
     service: &mut Service,
     job_id: &str,
     run: &str,
@@ -268,7 +280,7 @@ pub async fn enqueue(
 /// first shows it `completed` (polled every ~5 ms).
 pub async fn full_batch(
     api: &Api,
-    smtp: &SmtpServer,
+    smtp: &dyn AcceptedCount,
     job_id: &str,
     run: &str,
     samples: usize,
@@ -335,7 +347,7 @@ pub async fn full_batch(
 #[allow(clippy::too_many_arguments)]
 pub async fn sustained(
     api: &Api,
-    smtp: &SmtpServer,
+    smtp: &dyn AcceptedCount,
     service: &mut Service,
     sampler_pool: &PgPool,
     database: &str,

@@ -18,11 +18,28 @@ pub struct Results {
     pub enqueue: Enqueue,
     pub full_batch: FullBatch,
     pub sustained: Sustained,
+    /// The sustained run again, against a third-party SMTP server.
+    pub third_party: ThirdParty,
     pub floor: Floor,
     pub ratios: Ratios,
     /// Every check of the run passed (exact tallies, no lost or repeated message).
     pub ok: bool,
     pub problems: Vec<String>,
+}
+
+/// Measurement 3 against an SMTP server we did not write, next to what that server
+/// accepts alone (a minimal client, the same run).
+#[derive(Debug, Clone, Serialize)]
+pub struct ThirdParty {
+    /// Which server, and its version.
+    pub server: String,
+    /// Messages per second the server accepted from a minimal client alone.
+    pub alone_per_sec: f64,
+    pub alone_messages: usize,
+    pub alone_connections: usize,
+    pub sustained: Sustained,
+    /// invites/s through the service ÷ the server alone.
+    pub ratio: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -385,6 +402,34 @@ pub fn table(r: &Results) -> String {
         "  tallies",
         if s.verified { "OK" } else { "FAILED" }.to_owned(),
         "every batch completed with exactly 100 sent; SMTP count exact".to_owned(),
+    );
+    let t = &r.third_party;
+    row(
+        "3b same, third-party SMTP",
+        format!("{} invites/s", rate(t.sustained.invites_per_sec)),
+        format!(
+            "{}: {} invites, {} batches, {} clients, {:.1} s; tallies {}",
+            t.server,
+            n(t.sustained.invites),
+            t.sustained.batches,
+            t.sustained.clients,
+            t.sustained.secs,
+            if t.sustained.verified { "OK" } else { "FAILED" }
+        ),
+    );
+    row(
+        "   that server alone",
+        format!("{} messages/s", rate(t.alone_per_sec)),
+        format!(
+            "{} messages over {} connections from a minimal lettre client (TCP_NODELAY)",
+            n(t.alone_messages),
+            t.alone_connections
+        ),
+    );
+    row(
+        "   ratio (3b ÷ alone)",
+        format!("{:.2}", t.ratio),
+        "invites/s through the whole service ÷ what the server takes alone".to_owned(),
     );
     let fl = &r.floor;
     for (name, q) in [
