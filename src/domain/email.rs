@@ -4,8 +4,9 @@ use std::{fmt, str::FromStr};
 
 use email_address::{EmailAddress, Options};
 
-/// An address that lettre will accept as a recipient: `local@domain.tld`, no display
-/// text, no domain literal, at most 64 characters before the `@` and 254 in all.
+/// An address that lettre will accept as a recipient and an ordinary mail server will
+/// carry: `local@domain.tld` in ASCII, no display text, no domain literal, no quoted
+/// local part, at most 64 characters before the `@` and 254 in all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CandidateEmail(String);
 
@@ -28,6 +29,18 @@ impl CandidateEmail {
         if trimmed.chars().any(|c| c.is_control()) {
             return Err(InvalidEmail(
                 "the address contains control characters".into(),
+            ));
+        }
+        if trimmed.starts_with('"') {
+            return Err(InvalidEmail(
+                "a quoted local part (\"…\"@) is not accepted: many mail servers refuse it".into(),
+            ));
+        }
+        if !trimmed.is_ascii() {
+            return Err(InvalidEmail(
+                "the address has non-ASCII characters: sending to it needs SMTPUTF8, which \
+                 mail servers may not offer (write an international domain as xn--…)"
+                    .into(),
             ));
         }
         let options = Options::default()
@@ -89,6 +102,10 @@ mod tests {
             "a@[127.0.0.1]",
             "ada@example.com\r\nBcc: x@example.com",
             "ada@exa mple.com",
+            "\"ada lovelace\"@example.com",
+            "\"ada\"@example.com",
+            "adá@example.com",
+            "ada@exämple.com",
             &format!("{}@example.com", "a".repeat(65)),
         ] {
             assert!(CandidateEmail::parse(bad).is_err(), "{bad:?}");

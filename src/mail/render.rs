@@ -1,9 +1,13 @@
 //! The invitation email: subject with the job title, a text/plain part with the link on
 //! a line of its own and the duration, and an HTML alternative.
 
+use email_encoding::headers::{rfc2047, writer::EmailWriter};
 use lettre::{
     Address, Message,
-    message::{Mailbox, MultiPart},
+    message::{
+        Mailbox, MultiPart,
+        header::{HeaderName, HeaderValue},
+    },
 };
 
 /// Everything one invitation email says. Built fresh for every attempt from stored
@@ -32,6 +36,27 @@ fn one_line(text: &str) -> String {
         .collect::<String>()
         .trim()
         .to_owned()
+}
+
+/// The Subject header, read back by any mail client as exactly `subject`. lettre
+/// writes a word of plain ASCII as it is, so a job title holding encoded-word syntax
+/// (`=?utf-8?b?…?=`) would reach the client as an encoding to decode, showing text
+/// nobody wrote. Such a subject is written whole as encoded words; any other goes the
+/// usual way (plain ASCII as is, the rest encoded).
+fn subject_header(subject: &str) -> HeaderValue {
+    let name = HeaderName::new_from_ascii_str("Subject");
+    if !subject.contains("=?") {
+        return HeaderValue::new(name, subject.to_owned());
+    }
+    let mut encoded = String::new();
+    let written = {
+        let mut writer = EmailWriter::new(&mut encoded, "Subject: ".len(), 0, false);
+        rfc2047::encode(subject, &mut writer)
+    };
+    match written {
+        Ok(()) => HeaderValue::dangerous_new_pre_encoded(name, subject.to_owned(), encoded),
+        Err(_) => HeaderValue::new(name, subject.to_owned()),
+    }
 }
 
 fn html_escape(text: &str) -> String {
@@ -110,7 +135,7 @@ impl InviteEmail<'_> {
         Message::builder()
             .from(from.clone())
             .to(Mailbox::new(name, self.to.clone()))
-            .subject(self.subject())
+            .raw_header(subject_header(&self.subject()))
             .message_id(Some(format!("<{}>", self.message_id)))
             .multipart(MultiPart::alternative_plain_html(self.text(), self.html()))
     }
@@ -162,6 +187,60 @@ mod tests {
                 .any(|l| l.to_ascii_lowercase().starts_with("bcc:")),
             "{headers}"
         );
+    }
+
+    /// The Subject as an independent reader decodes it: Python's `email` package.
+    fn subject_as_read(raw: &[u8]) -> String {
+        use std::io::Write;
+        let mut python = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import email, email.policy, sys; \
+                 m = email.message_from_bytes(sys.stdin.buffer.read(), policy=email.policy.default); \
+                 sys.stdout.write(str(m['Subject']))",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        python
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(raw)
+            .expect("writes");
+        let out = python.wait_with_output().expect("python3 answers");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    #[test]
+    fn a_title_with_encoded_word_syntax_or_control_characters_reads_back_as_its_text() {
+        let to: Address = "ada@example.com".parse().expect("address");
+        let from: Mailbox = "Interviews <interviews@example.com>".parse().expect("from");
+        for (title, shown) in [
+            ("=?utf-8?b?SGFja2Vk?=", "=?utf-8?b?SGFja2Vk?="),
+            (
+                "Data =?ISO-8859-1?Q?Engin=E9er?= (remote)",
+                "Data =?ISO-8859-1?Q?Engin=E9er?= (remote)",
+            ),
+            (
+                "Back\u{0}end\r\nBcc: x@example.com",
+                "Back end  Bcc: x@example.com",
+            ),
+            ("Ingénieure données", "Ingénieure données"),
+            ("Backend Engineer", "Backend Engineer"),
+        ] {
+            let raw = email(&to, None, title)
+                .build(&from)
+                .expect("builds")
+                .formatted();
+            assert_eq!(
+                subject_as_read(&raw),
+                format!("Interview invitation: {shown}"),
+                "{title:?}"
+            );
+        }
     }
 
     #[test]

@@ -894,3 +894,39 @@ async fn batches_and_invitations_list_newest_first_and_filter_by_job_status_and_
     );
     app.smtp.resume().await.expect("SMTP server resumes");
 }
+
+/// Addresses an ordinary mail server may not carry (a quoted local part, non-ASCII
+/// characters without SMTPUTF8) count as failures in the preview and fail as
+/// `invalid_email` without any contact with the mail server.
+#[tokio::test]
+async fn quoted_and_non_ascii_addresses_fail_as_invalid_email_without_server_contact() {
+    let app = spawn_app().await;
+    app.open_job("job-q").await;
+    let mut people = candidates("q", 3);
+    people[0]["email"] = json!("\"ada lovelace\"@example.com");
+    people[1]["email"] = json!("adá@example.com");
+    let body = batch_body("job-q", &people);
+
+    let r = app.post_json("/v1/batches/preview", &body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let preview: Value = r.json().await.expect("json");
+    assert_eq!(preview["to_fail"], 2, "{preview}");
+    assert_eq!(preview["to_send"], 1, "{preview}");
+
+    let id = app.create_batch_with(body).await;
+    let batch = app.wait_until_completed(&id).await;
+    assert_eq!(batch["summary"], "1 sent, 2 failed", "{batch}");
+    let failed = app.items(&id, Some("failed")).await;
+    assert!(
+        failed.iter().all(|i| i["reason"] == "invalid_email"),
+        "{failed:?}"
+    );
+    for address in ["\"ada lovelace\"@example.com", "adá@example.com"] {
+        assert_eq!(
+            app.smtp.attempts(address),
+            0,
+            "{address} never reached the server"
+        );
+    }
+    assert_eq!(app.smtp.messages().len(), 1);
+}
