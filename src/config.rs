@@ -93,6 +93,7 @@ pub struct MailSettings {
     pub from: String,
     pub outbox_dir: PathBuf,
     pub rate_per_second: u32,
+    pub suppress_rejected: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

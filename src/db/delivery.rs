@@ -46,6 +46,8 @@ pub(crate) struct PreparedItem {
     pub(crate) duration_minutes: i32,
     /// The `x-request-id` of the request that created the batch.
     pub(crate) request_id: Option<String>,
+    /// The address is on the suppression list and the item was not retried on request.
+    pub(crate) suppressed: bool,
 }
 
 /// One request of phase 1: the item, the task acting on it, and the invitation to mint
@@ -67,6 +69,8 @@ string_enum! {
         SameTaskTwice = "duplicate",
         JobClosed = "job_closed",
         InvalidEmail = "invalid_email",
+        /// The address is on the suppression list: it ends unsent.
+        Suppressed = "suppressed",
         AlreadyInvited = "already_invited",
         /// The invitation exists and the attempt is counted: send now.
         Send = "send",

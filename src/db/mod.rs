@@ -5,6 +5,7 @@ pub mod batches;
 pub mod delivery;
 pub mod invitations;
 pub mod jobs;
+pub(crate) mod suppressions;
 pub mod tasks;
 
 use std::{str::FromStr, time::Duration};

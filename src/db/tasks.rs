@@ -203,6 +203,9 @@ pub(crate) struct OutcomeRecord<'a> {
     /// A warning for the batch, as JSON (`{candidate_id, code, message}`); added unless
     /// the batch has one with that candidate and code already.
     pub(crate) warning: Option<String>,
+    /// An address to put on the suppression list (refused as a bad mailbox), with
+    /// `last_error` as the reply that put it there.
+    pub(crate) suppress: Option<&'a str>,
 }
 
 /// The statement of [`record_outcomes`].
@@ -210,8 +213,9 @@ pub const RECORD_OUTCOMES: &str = include_str!("sql/record_outcomes.sql");
 
 /// Phase 3 in one statement (`sql/record_outcomes.sql`): moves each item still pending
 /// under its task, the invitations (sent: the expiry starts now; ended otherwise:
-/// revoked), each batch's tally and warnings, and marks `tasks` (every task of the
-/// group) `Done`, so a task is finished exactly when its outcome is written. Returns the
+/// revoked), each batch's tally and warnings, the suppression list, and marks `tasks`
+/// (every task of the group) `Done`, so a task is finished exactly when its outcome is
+/// written. Returns the
 /// (item, task) pairs whose outcome applied; the others were stale.
 ///
 /// Row locks are `FOR NO KEY UPDATE`, items in id order before batches in id order
@@ -246,6 +250,7 @@ pub(crate) async fn record_outcomes(
                 .collect::<Vec<_>>(),
         )
         .bind(tasks)
+        .bind(records.iter().map(|r| r.suppress).collect::<Vec<_>>())
         .fetch_all(&mut *conn)
         .await
 }

@@ -116,6 +116,7 @@ string_enum! {
         InvalidEmail = "invalid_email",
         Rejected = "rejected",
         RetriesExhausted = "retries_exhausted",
+        Suppressed = "suppressed",
         AlreadyInvited = "already_invited",
         JobClosed = "job_closed",
         Cancelled = "cancelled",
@@ -126,7 +127,9 @@ impl ItemReason {
     /// The status an item with this reason is in.
     pub(crate) fn status(self) -> ItemStatus {
         match self {
-            Self::InvalidEmail | Self::Rejected | Self::RetriesExhausted => ItemStatus::Failed,
+            Self::InvalidEmail | Self::Rejected | Self::RetriesExhausted | Self::Suppressed => {
+                ItemStatus::Failed
+            }
             Self::AlreadyInvited | Self::JobClosed | Self::Cancelled => ItemStatus::Skipped,
         }
     }

@@ -2,7 +2,7 @@
 //! problem+json everywhere.
 //!
 //! Files depend one way: `router` → the resources (`batches`, `invitations`, `jobs`,
-//! `service`, `openapi`) → `state`, `extract`, `error`.
+//! `service`, `suppressions`, `openapi`) → `state`, `extract`, `error`.
 
 pub mod batches;
 pub mod error;
@@ -13,6 +13,7 @@ pub mod openapi;
 mod router;
 pub mod service;
 mod state;
+mod suppressions;
 
 pub(crate) use router::router;
 pub(crate) use state::AppState;

@@ -7,7 +7,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{batches, error, invitations, jobs, service};
+use super::{batches, error, invitations, jobs, service, suppressions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,7 @@ use super::{batches, error, invitations, jobs, service};
         batches::retry, batches::cancel,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
+        suppressions::list, suppressions::delete,
         service::healthz, service::readyz, service::metrics, serve,
     ),
     components(schemas(error::Problem, error::ErrorCode)),
@@ -31,6 +32,7 @@ use super::{batches, error, invitations, jobs, service};
         (name = "jobs", description = "Job openings"),
         (name = "batches", description = "Bulk invite requests and their items"),
         (name = "invitations", description = "Single-use interview links"),
+        (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
         (name = "service", description = "Health, readiness, metrics, this document (no auth)"),
     )
 )]
@@ -80,6 +82,8 @@ mod tests {
         ("post", "/v1/invitations/redeem"),
         ("post", "/v1/invitations/{id}/complete"),
         ("post", "/v1/invitations/{id}/revoke"),
+        ("get", "/v1/suppressions"),
+        ("delete", "/v1/suppressions/{email}"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

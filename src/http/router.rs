@@ -7,7 +7,7 @@ use axum::{
     http::{Method, header},
     middleware::{self, Next},
     response::Response,
-    routing::{get, post, put},
+    routing::{delete, get, post, put},
 };
 use subtle::ConstantTimeEq;
 use tower::ServiceBuilder;
@@ -22,6 +22,7 @@ use super::{
     extract::REQUEST_ID,
     invitations, jobs, openapi, service,
     state::{AppState, Role},
+    suppressions,
 };
 
 /// Request bodies above this are refused with 413 before any other work.
@@ -50,6 +51,8 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/invitations/{id}", get(invitations::get))
             .route("/invitations/{id}/complete", post(invitations::complete))
             .route("/invitations/{id}/revoke", post(invitations::revoke))
+            .route("/suppressions", get(suppressions::list))
+            .route("/suppressions/{email}", delete(suppressions::delete))
             .route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_bearer,

@@ -77,6 +77,7 @@ impl Deliverer {
         let recorder = Recorder {
             pool: pool.clone(),
             retry: settings.retry.clone(),
+            suppress_rejected: settings.mail.suppress_rejected,
         };
         Self {
             pool,

@@ -135,6 +135,14 @@ fn prepared(row: PrepareRow) -> anyhow::Result<Prepared> {
         PrepareDecision::JobClosed => not_sent(row.item, ItemReason::JobClosed, None),
         PrepareDecision::InvalidEmail => not_sent(row.item, ItemReason::InvalidEmail, row.detail),
         PrepareDecision::AlreadyInvited => not_sent(row.item, ItemReason::AlreadyInvited, None),
+        PrepareDecision::Suppressed => not_sent(
+            row.item,
+            ItemReason::Suppressed,
+            Some(
+                "the address is on the suppression list: a mail server refused it as a bad mailbox"
+                    .into(),
+            ),
+        ),
         PrepareDecision::Send => match (row.item, row.invitation_id, row.attempts) {
             (Some(item), Some(invitation_id), Some(attempt)) => Ok(Prepared::Send {
                 item: Box::new(item),

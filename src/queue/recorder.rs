@@ -80,6 +80,8 @@ pub(crate) enum Attempted {
 pub(crate) struct Recorder {
     pub(crate) pool: PgPool,
     pub(crate) retry: RetrySettings,
+    /// `mail.suppress_rejected`: a bad-mailbox refusal puts the address on the list.
+    pub(crate) suppress_rejected: bool,
 }
 
 impl GroupWrite for Recorder {
@@ -122,7 +124,7 @@ impl GroupWrite for Recorder {
             .enumerate()
             .map(|(i, o)| {
                 (best.get(&(o.item.id, o.task_id.as_str())) == Some(&i))
-                    .then(|| decide(o, &self.retry))
+                    .then(|| decide(o, &self.retry, self.suppress_rejected))
             })
             .collect();
         let records: Vec<OutcomeRecord<'_>> = outcomes
@@ -202,6 +204,8 @@ struct Decision {
     /// New task id, when it is due, and the delay.
     retry: Option<(String, DateTime<Utc>, Duration)>,
     warning: Option<String>,
+    /// Put the item's address on the suppression list.
+    suppress: bool,
     delivery: Delivery,
 }
 
@@ -218,20 +222,23 @@ impl Decision {
                 .as_ref()
                 .map(|(task, at, _)| (task.as_str(), *at)),
             warning: self.warning.clone(),
+            suppress: self.suppress.then_some(outcome.item.email.trim()),
         }
     }
 }
 
-/// What an outcome means: 2xx → sent; 5xx → rejected; anything transient → a retry
-/// after the backoff delay, or `retries_exhausted` at the limit; an ending of phase 1
-/// as it is (`already_invited` also warns on the batch).
-fn decide(outcome: &Outcome, retry: &RetrySettings) -> Decision {
+/// What an outcome means: 2xx → sent; 5xx → rejected (a bad-mailbox reply, 5.1.x, also
+/// puts the address on the suppression list when `suppress_rejected`); anything
+/// transient → a retry after the backoff delay, or `retries_exhausted` at the limit; an
+/// ending of phase 1 as it is (`already_invited` also warns on the batch).
+fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> Decision {
     let end = |reason: ItemReason, last_error: Option<&str>| Decision {
         status: reason.status(),
         reason: Some(reason),
         last_error: last_error.map(str::to_owned),
         retry: None,
         warning: None,
+        suppress: false,
         delivery: Delivery::Ended(reason),
     };
     match &outcome.result {
@@ -248,10 +255,13 @@ fn decide(outcome: &Outcome, retry: &RetrySettings) -> Decision {
             last_error: None,
             retry: None,
             warning: None,
+            suppress: false,
             delivery: Delivery::Sent,
         },
         Attempted::Sent(Err(SendError::Permanent(detail))) => {
-            end(ItemReason::Rejected, Some(detail))
+            let mut decision = end(ItemReason::Rejected, Some(detail));
+            decision.suppress = suppress_rejected && is_bad_mailbox(detail);
+            decision
         }
         Attempted::Sent(Err(SendError::Transient(detail))) => {
             let max = i32::try_from(retry.max_attempts).unwrap_or(i32::MAX);
@@ -267,6 +277,7 @@ fn decide(outcome: &Outcome, retry: &RetrySettings) -> Decision {
                 last_error: Some(detail.clone()),
                 retry: Some((new_task_id(), run_at, delay)),
                 warning: None,
+                suppress: false,
                 delivery: Delivery::RetryScheduled {
                     attempt: outcome.attempt,
                     delay,
@@ -274,6 +285,15 @@ fn decide(outcome: &Outcome, retry: &RetrySettings) -> Decision {
             }
         }
     }
+}
+
+/// A reply that says the mailbox is bad (`550 5.1.1 user unknown`: enhanced status
+/// 5.1.x; 5.1.7 and 5.1.8 are about the sender and never reach here as permanent).
+fn is_bad_mailbox(reply: &str) -> bool {
+    reply
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|enhanced| enhanced.starts_with("5.1."))
 }
 
 /// The batch warning for a candidate skipped as already invited, as JSON.

@@ -14,4 +14,5 @@ mod queue_maintenance;
 mod rejections;
 mod restart;
 mod smtp_tls;
+mod suppression;
 mod untrusted_input;

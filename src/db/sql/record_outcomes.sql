@@ -5,12 +5,12 @@
 -- marked Done. Every table is reached through an index condition on keys given or
 -- computed first.
 --
--- $1..$8 per outcome: item id, task id, status, reason, last error, retry's new task id,
--- retry's run_at, warning (JSON).
+-- $1..$8, $10 per outcome: item id, task id, status, reason, last error, retry's new
+-- task id, retry's run_at, warning (JSON), address to suppress; $9 the group's tasks.
 WITH t AS (
    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                        $6::text[], $7::timestamptz[], $8::text[])
-       AS t(id, task_id, status, reason, last_error, new_task_id, run_at, warning)),
+                        $6::text[], $7::timestamptz[], $8::text[], $10::text[])
+       AS t(id, task_id, status, reason, last_error, new_task_id, run_at, warning, suppress)),
 locked AS MATERIALIZED (
    SELECT id, status, task_id FROM batch_items
     WHERE id = ANY($1)
@@ -66,6 +66,12 @@ tally AS (
                          'candidate_id', w -> 'candidate_id', 'code', w -> 'code')))
      FROM counts c
     WHERE b.id = ANY(ARRAY(SELECT id FROM locked_batches)) AND b.id = c.batch_id),
+suppressed AS (
+   INSERT INTO suppressions (email, reply, item_id)
+   SELECT DISTINCT ON (lower(t.suppress)) lower(t.suppress), coalesce(t.last_error, ''), t.id
+     FROM t
+    WHERE t.suppress IS NOT NULL
+   ON CONFLICT (email) DO NOTHING),
 finished AS (
    UPDATE apalis.jobs
       SET status = 'Done', done_at = now(), lock_by = NULL,
