@@ -29,6 +29,26 @@ pub struct Settings {
     pub mail: MailSettings,
     pub smtp: SmtpSettings,
     pub retry: RetrySettings,
+    pub dkim: DkimSettings,
+}
+
+/// DKIM signing: all three set signs every message; all three empty signs none.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSettings {
+    #[serde(deserialize_with = "string")]
+    pub domain: String,
+    #[serde(deserialize_with = "string")]
+    pub selector: String,
+    #[serde(deserialize_with = "optional_path")]
+    pub private_key_path: Option<PathBuf>,
+}
+
+impl DkimSettings {
+    /// True when DKIM signing is configured.
+    pub fn enabled(&self) -> bool {
+        !self.domain.is_empty() || !self.selector.is_empty() || self.private_key_path.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,6 +301,15 @@ impl Settings {
         }
         if self.smtp.timeout_secs == 0 {
             return fail("smtp.timeout_secs", "must be at least 1");
+        }
+        let d = &self.dkim;
+        if d.enabled()
+            && (d.domain.is_empty() || d.selector.is_empty() || d.private_key_path.is_none())
+        {
+            return fail(
+                "dkim",
+                "set domain, selector and private_key_path together (or none of them)",
+            );
         }
         if self.retry.max_attempts == 0 {
             return fail("retry.max_attempts", "must be at least 1");

@@ -1,6 +1,7 @@
 //! Sending: one `Mailer` for SMTP or an outbox folder, a per-process rate limit, a
 //! whole-command timeout, and the classification every retry decision rests on.
 
+mod dkim;
 pub mod render;
 mod smtp;
 
@@ -12,7 +13,10 @@ use std::{
 };
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use lettre::{Message, message::Mailbox};
+use lettre::{
+    Message,
+    message::{Mailbox, dkim::DkimConfig},
+};
 
 use self::smtp::{SmtpClient, SmtpError};
 use crate::config::{MailTransport, Settings};
@@ -49,6 +53,8 @@ pub struct Mailer {
     from: Mailbox,
     timeout: Duration,
     limiter: DefaultDirectRateLimiter,
+    /// `[dkim]`: every message is signed when set.
+    dkim: Option<DkimConfig>,
 }
 
 impl Mailer {
@@ -78,6 +84,7 @@ impl Mailer {
             from,
             timeout: settings.smtp_timeout(),
             limiter: RateLimiter::direct(Quota::per_second(per_second)),
+            dkim: dkim::config(&settings.dkim)?,
         })
     }
 
@@ -85,7 +92,8 @@ impl Mailer {
         &self.from
     }
 
-    /// Sends one message, waiting for the rate limit first. `key` names the message
+    /// Sends one message (DKIM-signed when `[dkim]` is set), waiting for the rate limit
+    /// first. `key` names the message
     /// (the item's Message-ID); the file transport writes `{key}.eml`, so a repeated
     /// attempt overwrites rather than duplicates.
     ///
@@ -95,6 +103,16 @@ impl Mailer {
     /// that outlasts `smtp.timeout_secs` is dropped with its connection.
     pub async fn send(&self, key: &str, message: &Message) -> Result<(), SendError> {
         self.limiter.until_ready().await;
+        let signed;
+        let message = match &self.dkim {
+            Some(dkim) => {
+                let mut copy = message.clone();
+                copy.sign(dkim);
+                signed = copy;
+                &signed
+            }
+            None => message,
+        };
         match &self.transport {
             Transport::File { dir } => write_eml(dir, key, message).await,
             Transport::Smtp(client) => {

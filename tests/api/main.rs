@@ -2,6 +2,7 @@
 //! server over TCP, the real binary where a process must die.
 
 mod delivery;
+mod dkim;
 mod faults;
 mod harness;
 mod helpers;
