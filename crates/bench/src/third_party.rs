@@ -115,16 +115,35 @@ impl Drop for Aiosmtpd {
     }
 }
 
-/// What the server accepts alone: `messages` small messages over `connections`
-/// connections, each sending its share one after another.
+/// A message of an invitation's size and shape (headers, a text part and an HTML part,
+/// about 1.4 KB, as an invitation is), so the server spends on each what it spends on an invitation.
+fn message_like_an_invite() -> Vec<u8> {
+    let mut m = String::from(
+        "From: Interviews <interviews@example.com>\r\nTo: \"Candidate\" <sink@example.com>\r\n\
+         Subject: Interview invitation: Backend Engineer\r\nMessage-ID: <capacity@example.com>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"b\"\r\n\r\n\
+         --b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
+    );
+    for _ in 0..7 {
+        m.push_str("You are invited to a 30-minute interview; your link works once.\r\n");
+    }
+    m.push_str("--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n");
+    for _ in 0..7 {
+        m.push_str("<p>You are invited to a 30-minute interview; your link works once.</p>\r\n");
+    }
+    m.push_str("--b--\r\n");
+    m.into_bytes()
+}
+
+/// What the server accepts alone: `messages` messages the size of an invitation over
+/// `connections` connections, each sending its share one after another.
 pub async fn capacity_alone(
     server: &Aiosmtpd,
     messages: usize,
     connections: usize,
 ) -> anyhow::Result<f64> {
     let per_connection = messages.div_ceil(connections.max(1));
-    let body =
-        b"From: bench@example.com\r\nTo: sink@example.com\r\nSubject: capacity\r\n\r\nhello\r\n";
+    let body = Arc::new(message_like_an_invite());
     let envelope = Envelope::new(
         Some("bench@example.com".parse::<Address>()?),
         vec!["sink@example.com".parse::<Address>()?],
@@ -132,7 +151,7 @@ pub async fn capacity_alone(
     let started = Instant::now();
     let mut senders = JoinSet::new();
     for _ in 0..connections.max(1) {
-        let (envelope, port) = (envelope.clone(), server.port);
+        let (envelope, port, body) = (envelope.clone(), server.port, body.clone());
         senders.spawn(async move {
             let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
             tcp.set_nodelay(true)?;
@@ -140,7 +159,7 @@ pub async fn capacity_alone(
                 AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &ClientId::default())
                     .await?;
             for _ in 0..per_connection {
-                conn.send(&envelope, body).await?;
+                conn.send(&envelope, &body).await?;
             }
             let _ = conn.quit().await;
             anyhow::Ok(per_connection)
