@@ -1,3 +1,28 @@
+-- The rule of a live invitation exists once (it was a Rust constant and a copy inside
+-- prepare_items); the request that created a batch is remembered, so the worker's logs
+-- for its items name the same request id as the API's; and a suppression list.
+
+-- A live invitation blocks another for the same (job, candidate): PENDING and not
+-- expired, or IN_PROGRESS. A one-expression SQL function, inlined by the planner where
+-- it is called, so index conditions around it are kept.
+CREATE FUNCTION invitation_is_live(status text, expires_at timestamptz) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT status = 'IN_PROGRESS' OR (status = 'PENDING' AND expires_at > now())
+$$;
+
+-- EXPIRED is not stored: a PENDING invitation past its expires_at reads as EXPIRED.
+CREATE FUNCTION invitation_status_now(status text, expires_at timestamptz) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN status = 'PENDING' AND expires_at <= now() THEN 'EXPIRED' ELSE status END
+$$;
+
+-- The x-request-id of the HTTP request that created the batch (null for batches created
+-- before this column existed); phase 1 reads it with the item so the worker's spans
+-- carry it.
+ALTER TABLE batches ADD COLUMN request_id text
+    CHECK (request_id IS NULL OR length(request_id) BETWEEN 1 AND 200);
+ALTER TYPE prepare_item ADD ATTRIBUTE request_id text;
+
 -- Suppression (the contract's "Deliverability"): an address a mail server refused as a
 -- bad mailbox (5.1.x) is not tried again. Later items to it fail as `suppressed` in
 -- phase 1, with no server contact, unless someone retried the item explicitly.
@@ -26,9 +51,10 @@ ALTER TABLE batch_items ADD COLUMN retry_requested boolean NOT NULL DEFAULT fals
 
 ALTER TYPE prepare_item ADD ATTRIBUTE suppressed boolean;
 
--- prepare_items as before, with one more decision: 'suppressed' (after job_closed and
--- invalid_email), for an item whose address is on the list and was not retried on
--- request.
+-- prepare_items as before, with three changes: the live-invitation rule is the
+-- function above, the item carries its batch's request id, and one more decision,
+-- 'suppressed' (after job_closed and invalid_email), for an item whose address is on the
+-- list and was not retried on request.
 CREATE OR REPLACE FUNCTION prepare_items(p_items uuid[], p_tasks text[], p_mints uuid[],
                               p_hashes bytea[], p_ttl_hours integer)
 RETURNS TABLE (ord integer, decision text, detail text, item prepare_item,
