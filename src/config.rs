@@ -114,6 +114,7 @@ pub struct MailSettings {
     pub outbox_dir: PathBuf,
     pub rate_per_second: u32,
     pub suppress_rejected: bool,
+    pub per_domain_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -292,6 +293,9 @@ impl Settings {
         }
         if let Err(e) = self.mail.from.parse::<Mailbox>() {
             return fail("mail.from", &format!("is not a valid mailbox ({e})"));
+        }
+        if self.mail.per_domain_concurrency == 0 {
+            return fail("mail.per_domain_concurrency", "must be at least 1");
         }
         if self.mail.rate_per_second == 0 {
             return fail("mail.rate_per_second", "must be at least 1");

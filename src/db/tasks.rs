@@ -206,6 +206,8 @@ pub(crate) struct OutcomeRecord<'a> {
     /// An address to put on the suppression list (refused as a bad mailbox), with
     /// `last_error` as the reply that put it there.
     pub(crate) suppress: Option<&'a str>,
+    /// The attempt phase 1 counted was not made (the send was deferred): give it back.
+    pub(crate) give_back_attempt: bool,
 }
 
 /// The statement of [`record_outcomes`].
@@ -251,6 +253,12 @@ pub(crate) async fn record_outcomes(
         )
         .bind(tasks)
         .bind(records.iter().map(|r| r.suppress).collect::<Vec<_>>())
+        .bind(
+            records
+                .iter()
+                .map(|r| r.give_back_attempt)
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *conn)
         .await
 }

@@ -46,9 +46,14 @@ use crate::{
     queue::{
         group::Grouped,
         prepare::{Prepare, Prepared, Preparer},
-        recorder::{Attempted, Outcome, Recorder},
+        recorder::{Attempted, Outcome, Recorder, retry_delay},
+        throttle::{DomainGate, Entry, domain_of, is_throttling, retry_hint},
     },
 };
+
+/// How long an item waits, unsent and without using an attempt, when its domain's
+/// places stayed taken for a whole `smtp.timeout_secs`.
+const BUSY_DOMAIN_DEFER: Duration = Duration::from_secs(1);
 
 /// The most items prepared, or outcomes recorded, in one transaction.
 const MAX_GROUP: usize = 128;
@@ -65,6 +70,8 @@ pub(crate) struct Deliverer {
     /// outcome). `worker.concurrency` permits: a crash repeats at most that many
     /// messages per process, as when the task waited for its outcome.
     in_flight: Arc<Semaphore>,
+    /// Per recipient domain: places in flight, and pauses after throttling replies.
+    domains: DomainGate,
 }
 
 impl Deliverer {
@@ -83,6 +90,7 @@ impl Deliverer {
             pool,
             mailer,
             in_flight: Arc::new(Semaphore::new(max_in_flight(&settings) as usize)),
+            domains: DomainGate::new(settings.mail.per_domain_concurrency),
             settings,
             preparer: Grouped::start(preparer, MAX_GROUP),
             recorder: Grouped::start(recorder, MAX_GROUP),
@@ -143,12 +151,37 @@ impl Deliverer {
         let started = phase_done("wait", started);
         let result = match action {
             Ok(invitation_id) => {
-                let span = tracing::info_span!("send", task = %task_id, item = %item.id,
-                    batch = %item.batch_id,
-                    request_id = %item.request_id.as_deref().unwrap_or_default());
-                let sent = self.send(&item, invitation_id).instrument(span).await;
-                phase_done("send", started);
-                Attempted::Sent(sent)
+                let domain = domain_of(&item.email);
+                match self
+                    .domains
+                    .enter(&domain, self.settings.smtp_timeout())
+                    .await
+                {
+                    Entry::Go(place) => {
+                        let span = tracing::info_span!("send", task = %task_id, item = %item.id,
+                            batch = %item.batch_id,
+                            request_id = %item.request_id.as_deref().unwrap_or_default());
+                        let sent = self.send(&item, invitation_id).instrument(span).await;
+                        phase_done("send", started);
+                        if let Err(SendError::Transient(reply)) = &sent
+                            && is_throttling(reply)
+                        {
+                            let pause = retry_hint(reply)
+                                .unwrap_or_else(|| retry_delay(&self.settings.retry, attempt));
+                            tracing::warn!(%domain, pause_ms = u64::try_from(pause.as_millis())
+                                .unwrap_or(u64::MAX),
+                                "the mail server throttles this domain: pausing it");
+                            self.domains.pause(&domain, pause);
+                        }
+                        // Only now: a send waiting for this place sees the pause.
+                        drop(place);
+                        Attempted::Sent(sent)
+                    }
+                    Entry::Paused(left) => Attempted::Deferred { after: left },
+                    Entry::Busy => Attempted::Deferred {
+                        after: BUSY_DOMAIN_DEFER,
+                    },
+                }
             }
             Err(not_sent) => not_sent,
         };

@@ -13,4 +13,5 @@ pub mod group;
 pub mod maintenance;
 pub mod prepare;
 pub mod recorder;
+mod throttle;
 pub mod worker;

@@ -34,7 +34,10 @@ use crate::{
         warning::Warning,
     },
     mail::SendError,
-    queue::group::GroupWrite,
+    queue::{
+        group::GroupWrite,
+        throttle::{is_throttling, retry_hint},
+    },
 };
 
 /// What recording one attempt's outcome did with its item.
@@ -74,6 +77,9 @@ pub(crate) enum Attempted {
         reason: ItemReason,
         detail: Option<String>,
     },
+    /// Not sent now: its recipient domain is paused (the server throttled it) or busy.
+    /// It is tried again `after` this, and the attempt is given back.
+    Deferred { after: Duration },
 }
 
 /// Writes groups of outcomes.
@@ -192,7 +198,7 @@ fn rank(result: &Attempted) -> u8 {
     match result {
         Attempted::Sent(Ok(())) => 0,
         Attempted::Sent(Err(SendError::Permanent(_))) | Attempted::NotSent { .. } => 1,
-        Attempted::Sent(Err(SendError::Transient(_))) => 2,
+        Attempted::Sent(Err(SendError::Transient(_))) | Attempted::Deferred { .. } => 2,
     }
 }
 
@@ -206,6 +212,8 @@ struct Decision {
     warning: Option<String>,
     /// Put the item's address on the suppression list.
     suppress: bool,
+    /// The attempt phase 1 counted was not made (deferred): give it back.
+    give_back_attempt: bool,
     delivery: Delivery,
 }
 
@@ -223,6 +231,7 @@ impl Decision {
                 .map(|(task, at, _)| (task.as_str(), *at)),
             warning: self.warning.clone(),
             suppress: self.suppress.then_some(outcome.item.email.trim()),
+            give_back_attempt: self.give_back_attempt,
         }
     }
 }
@@ -239,6 +248,7 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
         retry: None,
         warning: None,
         suppress: false,
+        give_back_attempt: false,
         delivery: Delivery::Ended(reason),
     };
     match &outcome.result {
@@ -256,6 +266,7 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
             retry: None,
             warning: None,
             suppress: false,
+            give_back_attempt: false,
             delivery: Delivery::Sent,
         },
         Attempted::Sent(Err(SendError::Permanent(detail))) => {
@@ -263,12 +274,35 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
             decision.suppress = suppress_rejected && is_bad_mailbox(detail);
             decision
         }
+        Attempted::Deferred { after } => {
+            let run_at =
+                Utc::now() + chrono::Duration::from_std(*after).unwrap_or(chrono::Duration::MAX);
+            Decision {
+                status: ItemStatus::Pending,
+                reason: None,
+                last_error: None,
+                retry: Some((new_task_id(), run_at, *after)),
+                warning: None,
+                suppress: false,
+                give_back_attempt: true,
+                delivery: Delivery::RetryScheduled {
+                    attempt: outcome.attempt - 1,
+                    delay: *after,
+                },
+            }
+        }
         Attempted::Sent(Err(SendError::Transient(detail))) => {
             let max = i32::try_from(retry.max_attempts).unwrap_or(i32::MAX);
             if outcome.attempt >= max {
                 return end(ItemReason::RetriesExhausted, Some(detail));
             }
-            let delay = retry_delay(retry, outcome.attempt);
+            // A throttling reply paused the domain for its hint or the backoff; the
+            // next attempt waits at least as long.
+            let backoff = retry_delay(retry, outcome.attempt);
+            let delay = match is_throttling(detail).then(|| retry_hint(detail)).flatten() {
+                Some(hint) => hint.max(backoff),
+                None => backoff,
+            };
             let run_at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             Decision {
@@ -278,6 +312,7 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
                 retry: Some((new_task_id(), run_at, delay)),
                 warning: None,
                 suppress: false,
+                give_back_attempt: false,
                 delivery: Delivery::RetryScheduled {
                     attempt: outcome.attempt,
                     delay,
@@ -320,6 +355,11 @@ fn log(outcome: &Outcome, result: &Delivery) {
             metrics::counter!("invites_sent_total").increment(1);
             tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 attempt = outcome.attempt, "sent");
+        }
+        (Delivery::RetryScheduled { delay, .. }, Attempted::Deferred { .. }) => {
+            tracing::debug!(item = %item.id, batch = %item.batch_id, request_id = %request_id,
+                %to, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "not sent now: the recipient's domain is paused or busy; deferred");
         }
         (Delivery::RetryScheduled { delay, .. }, Attempted::Sent(Err(e))) => {
             metrics::counter!("invite_send_retries_total").increment(1);

@@ -16,4 +16,5 @@ mod rejections;
 mod restart;
 mod smtp_tls;
 mod suppression;
+mod throttling;
 mod untrusted_input;

@@ -65,7 +65,8 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
     // Phase 3: one statement, explained directly.
     let statements = [(
         "record",
-        "uuid[], text[], text[], text[], text[], text[], timestamptz[], text[], text[], text[]",
+        "uuid[], text[], text[], text[], text[], text[], timestamptz[], text[], text[], text[], \
+         bool[]",
         RECORD_OUTCOMES,
     )];
     for (name, types, sql) in statements {

@@ -190,6 +190,8 @@ struct Shared {
 
 struct State {
     scripts: HashMap<String, VecDeque<Step>>,
+    /// Recipient domains answered with a reply at `RCPT TO` until a time (throttling).
+    throttled: HashMap<String, (std::time::Instant, u16, String)>,
     default_step: Step,
     attempts: HashMap<String, usize>,
     deliveries: Vec<Received>,
@@ -211,6 +213,12 @@ impl Shared {
             None => {
                 state.attempts.insert(key.clone().into_owned(), 1);
             }
+        }
+        let domain = key.rsplit_once('@').map(|(_, d)| d.to_owned());
+        if let Some((until, code, text)) = domain.and_then(|d| state.throttled.get(&d).cloned())
+            && std::time::Instant::now() < until
+        {
+            return Step::RcptReply(code, text);
         }
         if let Some(queue) = state.scripts.get_mut(key.as_ref())
             && let Some(step) = queue.pop_front()
@@ -264,6 +272,7 @@ impl SmtpServer {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 scripts: HashMap::new(),
+                throttled: HashMap::new(),
                 default_step: Step::Accept,
                 attempts: HashMap::new(),
                 deliveries: Vec::new(),
@@ -310,6 +319,17 @@ impl SmtpServer {
             let key = normalize(rcpt);
             state.scripts.remove(key.as_ref());
         }
+    }
+
+    /// Answers every `RCPT TO` to a recipient of `domain` (case-insensitive) with `code`
+    /// and `text` for the next `lasting`, as a server that throttles a domain does;
+    /// scripted steps of those recipients wait until it lifts.
+    pub fn throttle_domain(&self, domain: &str, lasting: Duration, code: u16, text: &str) {
+        let until = std::time::Instant::now() + lasting;
+        self.inner.shared.lock().throttled.insert(
+            domain.trim().to_ascii_lowercase(),
+            (until, code, text.to_owned()),
+        );
     }
 
     /// Sets the step for recipients with no script left (initially [`Step::Accept`]).

@@ -5,12 +5,14 @@
 -- marked Done. Every table is reached through an index condition on keys given or
 -- computed first.
 --
--- $1..$8, $10 per outcome: item id, task id, status, reason, last error, retry's new
--- task id, retry's run_at, warning (JSON), address to suppress; $9 the group's tasks.
+-- $1..$8, $10, $11 per outcome: item id, task id, status, reason, last error, retry's
+-- new task id, retry's run_at, warning (JSON), address to suppress, attempt to give
+-- back (a deferred send); $9 the group's tasks.
 WITH t AS (
    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                        $6::text[], $7::timestamptz[], $8::text[], $10::text[])
-       AS t(id, task_id, status, reason, last_error, new_task_id, run_at, warning, suppress)),
+                        $6::text[], $7::timestamptz[], $8::text[], $10::text[], $11::bool[])
+       AS t(id, task_id, status, reason, last_error, new_task_id, run_at, warning, suppress,
+            give_back)),
 locked AS MATERIALIZED (
    SELECT id, status, task_id FROM batch_items
     WHERE id = ANY($1)
@@ -22,6 +24,7 @@ applied AS (
           last_error = coalesce(t.last_error, i.last_error),
           task_id = coalesce(t.new_task_id, i.task_id), next_attempt_at = t.run_at,
           sending_at = NULL, updated_at = now(),
+          attempts = i.attempts - CASE WHEN t.give_back THEN 1 ELSE 0 END,
           sent_at = CASE WHEN t.status = 'sent' THEN now() ELSE i.sent_at END
      FROM t
      JOIN locked l ON l.id = t.id
