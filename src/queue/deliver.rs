@@ -151,37 +151,8 @@ impl Deliverer {
         let started = phase_done("wait", started);
         let result = match action {
             Ok(invitation_id) => {
-                let domain = domain_of(&item.email);
-                match self
-                    .domains
-                    .enter(&domain, self.settings.smtp_timeout())
+                self.send_unless_domain_waits(&item, invitation_id, &task_id, attempt, started)
                     .await
-                {
-                    Entry::Go(place) => {
-                        let span = tracing::info_span!("send", task = %task_id, item = %item.id,
-                            batch = %item.batch_id,
-                            request_id = %item.request_id.as_deref().unwrap_or_default());
-                        let sent = self.send(&item, invitation_id).instrument(span).await;
-                        phase_done("send", started);
-                        if let Err(SendError::Transient(reply)) = &sent
-                            && is_throttling(reply)
-                        {
-                            let pause = retry_hint(reply)
-                                .unwrap_or_else(|| retry_delay(&self.settings.retry, attempt));
-                            tracing::warn!(%domain, pause_ms = u64::try_from(pause.as_millis())
-                                .unwrap_or(u64::MAX),
-                                "the mail server throttles this domain: pausing it");
-                            self.domains.pause(&domain, pause);
-                        }
-                        // Only now: a send waiting for this place sees the pause.
-                        drop(place);
-                        Attempted::Sent(sent)
-                    }
-                    Entry::Paused(left) => Attempted::Deferred { after: left },
-                    Entry::Busy => Attempted::Deferred {
-                        after: BUSY_DOMAIN_DEFER,
-                    },
-                }
             }
             Err(not_sent) => not_sent,
         };
@@ -193,6 +164,50 @@ impl Deliverer {
         };
         self.record_in_background(outcome, permit);
         Ok(())
+    }
+
+    /// Phase 2 through the recipient domain's gate: sends when the domain has a place
+    /// and is not paused, else defers the item (no send, the attempt given back). A
+    /// throttling reply pauses the domain before its place is released, so a send
+    /// waiting for the place sees the pause.
+    async fn send_unless_domain_waits(
+        &self,
+        item: &PreparedItem,
+        invitation_id: Uuid,
+        task_id: &str,
+        attempt: i32,
+        started: Instant,
+    ) -> Attempted {
+        let domain = domain_of(&item.email);
+        let place = match self
+            .domains
+            .enter(&domain, self.settings.smtp_timeout())
+            .await
+        {
+            Entry::Go(place) => place,
+            Entry::Paused(left) => return Attempted::Deferred { after: left },
+            Entry::Busy => {
+                return Attempted::Deferred {
+                    after: BUSY_DOMAIN_DEFER,
+                };
+            }
+        };
+        let span = tracing::info_span!("send", task = %task_id, item = %item.id,
+            batch = %item.batch_id,
+            request_id = %item.request_id.as_deref().unwrap_or_default());
+        let sent = self.send(item, invitation_id).instrument(span).await;
+        phase_done("send", started);
+        if let Err(SendError::Transient(reply)) = &sent
+            && is_throttling(reply)
+        {
+            let pause =
+                retry_hint(reply).unwrap_or_else(|| retry_delay(&self.settings.retry, attempt));
+            tracing::warn!(%domain, pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                "the mail server throttles this domain: pausing it");
+            self.domains.pause(&domain, pause);
+        }
+        drop(place);
+        Attempted::Sent(sent)
     }
 
     /// Phase 3 without the task waiting for it, the way apalis' own acks are written
