@@ -303,8 +303,10 @@ impl Settings {
         if self.smtp.host.is_empty() {
             return fail("smtp.host", "must not be empty");
         }
-        if self.smtp.timeout_secs == 0 {
-            return fail("smtp.timeout_secs", "must be at least 1");
+        if !(1..=60).contains(&self.smtp.timeout_secs) {
+            // A task still sending is rescued (run again) after 5 minutes; a send must
+            // end well before that.
+            return fail("smtp.timeout_secs", "must be 1 to 60");
         }
         let d = &self.dkim;
         if d.enabled()

@@ -51,8 +51,12 @@ use crate::{
     },
 };
 
+/// How long a send waits for a place among its domain's sends. Short: the wait holds
+/// one of the worker's task slots, and a slow domain must not hold them all.
+const DOMAIN_PLACE_WAIT: Duration = Duration::from_secs(1);
+
 /// How long an item waits, unsent and without using an attempt, when its domain's
-/// places stayed taken for a whole `smtp.timeout_secs`.
+/// places stayed taken for all of [`DOMAIN_PLACE_WAIT`].
 const BUSY_DOMAIN_DEFER: Duration = Duration::from_secs(1);
 
 /// The most items prepared, or outcomes recorded, in one transaction.
@@ -179,11 +183,7 @@ impl Deliverer {
         started: Instant,
     ) -> Attempted {
         let domain = domain_of(&item.email);
-        let place = match self
-            .domains
-            .enter(&domain, self.settings.smtp_timeout())
-            .await
-        {
+        let place = match self.domains.enter(&domain, DOMAIN_PLACE_WAIT).await {
             Entry::Go(place) => place,
             Entry::Paused(left) => return Attempted::Deferred { after: left },
             Entry::Busy => {

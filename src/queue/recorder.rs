@@ -230,7 +230,7 @@ impl Decision {
                 .as_ref()
                 .map(|(task, at, _)| (task.as_str(), *at)),
             warning: self.warning.clone(),
-            suppress: self.suppress.then_some(outcome.item.email.trim()),
+            suppress: self.suppress.then_some(outcome.item.email.as_str()),
             give_back_attempt: self.give_back_attempt,
         }
     }
@@ -322,13 +322,14 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
     }
 }
 
-/// A reply that says the mailbox is bad (`550 5.1.1 user unknown`: enhanced status
-/// 5.1.x; 5.1.7 and 5.1.8 are about the sender and never reach here as permanent).
+/// A reply that says the recipient's mailbox is bad, by its enhanced status: 5.1.1 (no
+/// such mailbox), 5.1.2 (no such domain), 5.1.3 (bad address syntax), 5.1.6 (moved)
+/// or 5.1.10 (the domain accepts no mail). Other 5.1.x codes can be about the sender
+/// (`550 5.1.0 <from>: Sender address rejected`): those must not suppress a candidate.
 fn is_bad_mailbox(reply: &str) -> bool {
-    reply
-        .split_whitespace()
-        .nth(1)
-        .is_some_and(|enhanced| enhanced.starts_with("5.1."))
+    let enhanced = reply.split_whitespace().nth(1).unwrap_or_default();
+    matches!(enhanced, "5.1.1" | "5.1.2" | "5.1.3" | "5.1.6" | "5.1.10")
+        && !reply.to_ascii_lowercase().contains("sender")
 }
 
 /// The batch warning for a candidate skipped as already invited, as JSON.
@@ -414,6 +415,29 @@ mod tests {
             max_delay_ms: 900_000,
             multiplier: 3.0,
             jitter,
+        }
+    }
+
+    #[test]
+    fn only_a_reply_about_the_recipients_mailbox_suppresses() {
+        for bad in [
+            "550 5.1.1 user unknown",
+            "550 5.1.1 <gone@example.com>: Recipient address rejected",
+            "550 5.1.2 host unknown",
+            "553 5.1.3 bad address syntax",
+            "551 5.1.6 mailbox moved",
+            "556 5.1.10 domain accepts no mail",
+        ] {
+            assert!(is_bad_mailbox(bad), "{bad}");
+        }
+        for not in [
+            "550 5.1.0 <interviews@example.com>: Sender address rejected: User unknown",
+            "550 5.1.1 Sender unknown",
+            "550 5.7.1 relaying denied",
+            "552 5.2.2 mailbox full",
+            "550 no enhanced code",
+        ] {
+            assert!(!is_bad_mailbox(not), "{not}");
         }
     }
 

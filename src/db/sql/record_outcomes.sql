@@ -71,7 +71,8 @@ tally AS (
     WHERE b.id = ANY(ARRAY(SELECT id FROM locked_batches)) AND b.id = c.batch_id),
 suppressed AS (
    INSERT INTO suppressions (email, reply, item_id)
-   SELECT DISTINCT ON (lower(t.suppress)) lower(t.suppress), coalesce(t.last_error, ''), t.id
+   SELECT DISTINCT ON (lower(btrim(t.suppress))) lower(btrim(t.suppress)),
+          coalesce(t.last_error, ''), t.id
      FROM t
     WHERE t.suppress IS NOT NULL
    ON CONFLICT (email) DO NOTHING),
