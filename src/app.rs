@@ -8,7 +8,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Settings,
+    config::{MailTransport, Settings},
     db,
     http::{self, AppState, Role},
     mail::Mailer,
@@ -46,6 +46,13 @@ pub async fn start(
     listener: TcpListener,
 ) -> anyhow::Result<RunningApp> {
     telemetry::init_metrics();
+    if settings.mail.transport == MailTransport::Smtp && settings.sends_password_in_clear() {
+        // `serve`, `api` and `work` get here only with smtp.allow_plaintext_auth = true.
+        tracing::warn!(
+            "smtp.tls = \"none\" with smtp.username set: the SMTP password crosses the \
+             network in clear (smtp.allow_plaintext_auth)"
+        );
+    }
     let settings = Arc::new(settings);
     let pool = db::connect(&settings.database)
         .await

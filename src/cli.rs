@@ -31,4 +31,6 @@ pub enum Command {
     Migrate,
     /// A self-contained run of the main job: one batch of 100, tally printed.
     Demo,
+    /// Print a strong random value for an API key or invite.token_secret.
+    Secret,
 }

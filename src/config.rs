@@ -13,6 +13,9 @@ use figment::{
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 
 use lettre::message::Mailbox;
+use sha2::{Digest, Sha256};
+
+use crate::domain::access::Scope;
 
 /// The shipped configuration file; its values are the defaults.
 pub const DEFAULTS: &str = include_str!("../worker.toml");
@@ -67,8 +70,61 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
-    #[serde(deserialize_with = "list")]
-    pub keys: Vec<Secret>,
+    /// A list of bearer keys (each with every scope, named `key:1`, `key:2`, … by
+    /// position), or `[[api.keys]]` tables with `name`, `key` or `key_sha256`, `scopes`.
+    #[serde(deserialize_with = "api_keys")]
+    pub keys: Vec<ApiKey>,
+}
+
+/// The shipped development values, refused by `serve`, `api` and `work`.
+pub const SHIPPED_API_KEY: &str = "dev-key-change-me";
+pub const SHIPPED_TOKEN_SECRET: &str = "dev-secret-change-me";
+/// The shortest API key and token secret `serve`, `api` and `work` accept.
+pub const MIN_API_KEY_CHARS: usize = 24;
+pub const MIN_TOKEN_SECRET_BYTES: usize = 32;
+
+/// One API key: its name (in logs, `created_by` and the audit log), the SHA-256 of the
+/// bearer token (all a request is checked against) and its scopes.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub name: String,
+    /// The token itself when it was configured as `key` (absent for `key_sha256`).
+    key: Option<Secret>,
+    sha256: [u8; 32],
+    pub scopes: Vec<Scope>,
+}
+
+impl ApiKey {
+    /// A key given in full.
+    pub fn new(name: &str, key: &str, scopes: &[Scope]) -> Self {
+        Self {
+            name: name.to_owned(),
+            key: Some(Secret::new(key)),
+            sha256: Sha256::digest(key.as_bytes()).into(),
+            scopes: scopes.to_vec(),
+        }
+    }
+    /// The bearer token, when it was configured in full.
+    pub fn key(&self) -> Option<&Secret> {
+        self.key.as_ref()
+    }
+    /// The SHA-256 of the bearer token.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+    /// True when this key may use a route that needs `scope`.
+    pub fn allows(&self, scope: Scope) -> bool {
+        scope.is_granted_by(&self.scopes)
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +195,9 @@ pub struct SmtpSettings {
     /// private relay's own CA); absent or empty: the system's roots only.
     #[serde(default, deserialize_with = "optional_path")]
     pub tls_ca_file: Option<PathBuf>,
+    /// Lets `serve`, `api` and `work` start with `username` set and `tls = "none"`
+    /// (the password then crosses the network in clear; a warning is logged at start).
+    pub allow_plaintext_auth: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,8 +307,8 @@ impl Settings {
                 "must be at least 2 (the queue listener holds one connection)",
             );
         }
-        if self.api.keys.is_empty() || self.api.keys.iter().any(|k| k.expose().is_empty()) {
-            return fail("api.keys", "must list at least one non-empty key");
+        if self.api.keys.is_empty() {
+            return fail("api.keys", "must list at least one key");
         }
         if self.worker.concurrency == 0 {
             return fail("worker.concurrency", "must be at least 1");
@@ -338,6 +397,72 @@ impl Settings {
         Ok(())
     }
 
+    /// What `serve`, `api` and `work` require besides a valid configuration: no shipped
+    /// or weak API key or token secret, and no SMTP password over plain text unless
+    /// `smtp.allow_plaintext_auth` says so. (`demo` and `migrate` do not ask.)
+    pub fn refuse_insecure(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        let shipped: [u8; 32] = Sha256::digest(SHIPPED_API_KEY.as_bytes()).into();
+        for key in &self.api.keys {
+            let name = &key.name;
+            if key.sha256 == shipped {
+                return fail(
+                    "api.keys",
+                    format!(
+                        "{name:?} is the shipped development key {SHIPPED_API_KEY:?}; \
+                         set your own (`invite-worker secret` prints one)"
+                    ),
+                );
+            }
+            if let Some(plain) = &key.key
+                && plain.expose().chars().count() < MIN_API_KEY_CHARS
+            {
+                return fail(
+                    "api.keys",
+                    format!(
+                        "{name:?} is shorter than {MIN_API_KEY_CHARS} characters; \
+                         `invite-worker secret` prints a strong one"
+                    ),
+                );
+            }
+        }
+        let secret = self.invite.token_secret.expose();
+        if secret == SHIPPED_TOKEN_SECRET {
+            return fail(
+                "invite.token_secret",
+                format!(
+                    "is the shipped development secret {SHIPPED_TOKEN_SECRET:?}: anyone could \
+                     forge links; set your own (`invite-worker secret` prints one)"
+                ),
+            );
+        }
+        if secret.len() < MIN_TOKEN_SECRET_BYTES {
+            return fail(
+                "invite.token_secret",
+                format!(
+                    "is {} bytes; it must be at least {MIN_TOKEN_SECRET_BYTES} \
+                     (`invite-worker secret` prints a strong one)",
+                    secret.len()
+                ),
+            );
+        }
+        if self.sends_password_in_clear() && !self.smtp.allow_plaintext_auth {
+            return fail(
+                "smtp.tls",
+                "is \"none\" while smtp.username is set: the password would cross the \
+                 network in clear; use \"starttls\" or \"tls\" (or set \
+                 smtp.allow_plaintext_auth = true)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// True when SMTP AUTH would go over an unencrypted connection.
+    pub fn sends_password_in_clear(&self) -> bool {
+        !self.smtp.username.is_empty() && self.smtp.tls == SmtpTls::None
+    }
+
     pub fn smtp_timeout(&self) -> Duration {
         Duration::from_secs(self.smtp.timeout_secs)
     }
@@ -408,6 +533,123 @@ where
     }
 }
 
+/// A strong random value for an API key or a token secret: 32 random bytes from the
+/// operating system's generator, base64url without padding (43 characters).
+pub fn generate_secret() -> String {
+    use base64::Engine;
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// `api.keys`: a list (TOML array, or a comma-separated string in env) whose entries
+/// are bearer tokens (every scope, named `key:<position>`) or named-key tables.
+fn api_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ApiKey>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Entry {
+        Plain(String),
+        Named(NamedKey),
+    }
+    #[derive(Deserialize)]
+    struct NamedKey {
+        name: Option<String>,
+        key: Option<String>,
+        key_sha256: Option<String>,
+        scopes: Option<Vec<String>>,
+        #[serde(flatten)]
+        other: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        Str(String),
+        Seq(Vec<Entry>),
+    }
+    let entries = match Keys::deserialize(d)? {
+        Keys::Str(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| Entry::Plain(p.to_owned()))
+            .collect(),
+        Keys::Seq(v) => v,
+    };
+    let err = |n: usize, why: String| serde::de::Error::custom(format!("entry {n}: {why}"));
+    let mut keys: Vec<ApiKey> = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let n = i + 1;
+        let key = match entry {
+            Entry::Plain(key) if key.trim().is_empty() => return Err(err(n, "is empty".into())),
+            Entry::Plain(key) => ApiKey::new(&format!("key:{n}"), &key, &Scope::ALL),
+            Entry::Named(named) => {
+                if let Some(field) = named.other.keys().next() {
+                    return Err(err(n, format!("unknown field {field:?}")));
+                }
+                let name = named.name.unwrap_or_default();
+                let valid_name = (1..=64).contains(&name.len())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b));
+                if !valid_name {
+                    return Err(err(
+                        n,
+                        "name: must be 1 to 64 of [A-Za-z0-9._:@-]".to_owned(),
+                    ));
+                }
+                let scopes = named
+                    .scopes
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| err(n, format!("{name:?}: scopes: list at least one")))?
+                    .iter()
+                    .map(|s| s.parse::<Scope>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|why| err(n, format!("{name:?}: scopes: {why}")))?;
+                match (named.key, named.key_sha256) {
+                    (Some(key), None) if !key.trim().is_empty() => {
+                        ApiKey::new(&name, &key, &scopes)
+                    }
+                    (None, Some(hex)) => {
+                        let sha256 = parse_sha256(&hex).ok_or_else(|| {
+                            err(n, format!("{name:?}: key_sha256: must be 64 hex digits"))
+                        })?;
+                        ApiKey {
+                            name,
+                            key: None,
+                            sha256,
+                            scopes,
+                        }
+                    }
+                    _ => {
+                        return Err(err(
+                            n,
+                            format!("{name:?}: set exactly one of key and key_sha256"),
+                        ));
+                    }
+                }
+            }
+        };
+        if keys.iter().any(|k| k.name == key.name) {
+            return Err(err(n, format!("the name {:?} is used twice", key.name)));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks(2)) {
+        let pair = std::str::from_utf8(pair).ok()?;
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
 impl FromStr for Secret {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -449,10 +691,16 @@ mod tests {
         ])
         .expect("loads");
         assert_eq!(s.smtp.port, 2600);
+        let names: Vec<&str> = s.api.keys.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(
-            s.api.keys,
-            vec![Secret::new("k1"), Secret::new("k2")],
-            "comma-separated list"
+            names,
+            ["key:1", "key:2"],
+            "comma-separated list, named by position"
+        );
+        assert_eq!(s.api.keys[1].key().map(Secret::expose), Some("k2"));
+        assert!(
+            s.api.keys[1].allows(Scope::Admin),
+            "a listed key has every scope"
         );
         assert_eq!(s.batch.durations_minutes, vec![20, 40]);
         assert_eq!(s.smtp.password.expose(), "12345");
@@ -493,6 +741,189 @@ mod tests {
             .expect_err("must fail")
             .to_string();
         assert!(e.contains("/nonexistent.toml"), "{e}");
+    }
+
+    fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, toml).expect("written");
+        Settings::load_from(&path, true, Vec::new())
+    }
+
+    #[test]
+    fn named_keys_carry_their_scopes_and_a_key_or_its_digest() {
+        let digest = "a".repeat(64);
+        let s = load_toml(&format!(
+            r#"
+            [[api.keys]]
+            name = "recruiting-webapp"
+            key = "k-webapp"
+            scopes = ["batches:write", "batches:read"]
+            [[api.keys]]
+            name = "interviews"
+            key_sha256 = "{digest}"
+            scopes = ["invitations:redeem"]
+            "#
+        ))
+        .expect("loads");
+        let [webapp, interviews] = &s.api.keys[..] else {
+            panic!("two keys: {:?}", s.api.keys)
+        };
+        assert_eq!(webapp.name, "recruiting-webapp");
+        assert!(webapp.allows(Scope::BatchesWrite) && !webapp.allows(Scope::Admin));
+        assert_eq!(
+            webapp.sha256(),
+            &<[u8; 32]>::from(Sha256::digest(b"k-webapp"))
+        );
+        assert!(interviews.key().is_none());
+        assert_eq!(interviews.sha256(), &[0xaa; 32]);
+        assert!(interviews.allows(Scope::InvitationsRedeem));
+        assert!(!interviews.allows(Scope::BatchesRead));
+    }
+
+    #[test]
+    fn named_keys_come_from_env_too() {
+        let s = load(&[(
+            "INVITES_API__KEYS",
+            r#"[{name="ops", key="k-ops", scopes=["admin"]}]"#,
+        )])
+        .expect("loads");
+        assert_eq!(s.api.keys[0].name, "ops");
+        assert!(s.api.keys[0].allows(Scope::BatchesWrite));
+    }
+
+    #[test]
+    fn a_bad_named_key_is_refused_on_one_line_naming_it() {
+        for (entry, expected) in [
+            (
+                r#"name = "a"
+                key = "k"
+                scopes = ["root"]"#,
+                "unknown scope",
+            ),
+            (
+                r#"name = "a"
+                key = "k"
+                key_sha256 = "00"
+                scopes = ["admin"]"#,
+                "exactly one of key and key_sha256",
+            ),
+            (
+                r#"name = "a"
+                key_sha256 = "xyz"
+                scopes = ["admin"]"#,
+                "64 hex digits",
+            ),
+            (
+                r#"name = "a"
+                key = "k"
+                scopes = []"#,
+                "at least one",
+            ),
+            (
+                r#"name = "a b"
+                key = "k"
+                scopes = ["admin"]"#,
+                "name",
+            ),
+            (
+                r#"name = "a"
+                key = "k"
+                scope = ["admin"]"#,
+                "scope",
+            ),
+        ] {
+            let e = load_toml(&format!("[[api.keys]]\n{entry}\n"))
+                .expect_err(entry)
+                .to_string();
+            assert!(
+                e.contains("api.keys") && e.contains(expected),
+                "{entry}: {e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = load_toml(
+            "[[api.keys]]\nname = \"a\"\nkey = \"k1\"\nscopes = [\"admin\"]\n\
+             [[api.keys]]\nname = \"a\"\nkey = \"k2\"\nscopes = [\"admin\"]\n",
+        )
+        .expect_err("a name used twice")
+        .to_string();
+        assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn shipped_or_weak_secrets_are_refused_for_serving() {
+        let strong = generate_secret();
+        let ok = load(&[
+            ("INVITES_API__KEYS", strong.as_str()),
+            ("INVITES_INVITE__TOKEN_SECRET", strong.as_str()),
+        ])
+        .expect("loads");
+        ok.refuse_insecure().expect("strong values pass");
+        for (key, secret, named) in [
+            (SHIPPED_API_KEY, strong.as_str(), "api.keys"),
+            ("short-key-of-23-chars-x", strong.as_str(), "api.keys"),
+            (strong.as_str(), SHIPPED_TOKEN_SECRET, "invite.token_secret"),
+            (
+                strong.as_str(),
+                "0123456789abcdef0123456789abcde",
+                "invite.token_secret",
+            ),
+        ] {
+            let s = load(&[
+                ("INVITES_API__KEYS", key),
+                ("INVITES_INVITE__TOKEN_SECRET", secret),
+            ])
+            .expect("loads");
+            let e = s.refuse_insecure().expect_err(named).to_string();
+            assert!(e.contains(named), "{e}");
+            assert!(!e.contains(&strong), "the secret is not printed: {e}");
+        }
+        let digest: String = Sha256::digest(SHIPPED_API_KEY.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut s = ok.clone();
+        s.api.keys = load_toml(&format!(
+            "[[api.keys]]\nname = \"x\"\nkey_sha256 = \"{digest}\"\nscopes = [\"admin\"]\n"
+        ))
+        .expect("loads")
+        .api
+        .keys;
+        assert!(
+            s.refuse_insecure().is_err(),
+            "the shipped key by its digest"
+        );
+    }
+
+    #[test]
+    fn an_smtp_password_in_clear_needs_an_explicit_yes() {
+        let strong = generate_secret();
+        let env = |extra: &[(&str, &str)]| {
+            let mut env = vec![
+                ("INVITES_API__KEYS", strong.as_str()),
+                ("INVITES_INVITE__TOKEN_SECRET", strong.as_str()),
+                ("INVITES_SMTP__USERNAME", "mailer"),
+            ];
+            env.extend_from_slice(extra);
+            load(&env).expect("loads")
+        };
+        let e = env(&[]).refuse_insecure().expect_err("refused").to_string();
+        assert!(e.contains("smtp.tls"), "{e}");
+        env(&[("INVITES_SMTP__TLS", "starttls")])
+            .refuse_insecure()
+            .expect("STARTTLS is fine");
+        env(&[("INVITES_SMTP__ALLOW_PLAINTEXT_AUTH", "true")])
+            .refuse_insecure()
+            .expect("allowed explicitly");
+    }
+
+    #[test]
+    fn generated_secrets_are_long_and_differ() {
+        let (a, b) = (generate_secret(), generate_secret());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert!(a.len() >= MIN_API_KEY_CHARS && a.len() >= MIN_TOKEN_SECRET_BYTES);
     }
 
     #[test]

@@ -26,7 +26,8 @@ use tower::ServiceExt;
 
 use crate::{
     app,
-    config::{MailTransport, Settings},
+    config::{self, ApiKey, MailTransport, Secret, Settings},
+    domain::access::Scope,
     http::Role,
 };
 
@@ -82,12 +83,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
             TcpListener::bind((settings.http.bind.ip(), 0)).await?
         }
     };
-    let key = settings
-        .api
-        .keys
-        .first()
-        .map(|k| k.expose().to_owned())
-        .unwrap_or_default();
+    let key = demo_key(&mut settings);
     let service = app::start(settings, Role::All, listener).await?;
     let base = format!("http://{}", service.addr);
     println!("  serving   {base} (API and workers in this process)");
@@ -108,14 +104,18 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         outbox.display()
     );
     println!();
-    println!("Try it by hand:");
-    println!("  cargo run --release -- serve      # in one terminal, then in another:");
-    println!("  curl -s -H 'Authorization: Bearer {key}' {base}/v1/batches/{batch_id}");
+    println!("Try it by hand (serve refuses the shipped key and secret; make your own):");
     println!(
-        "  curl -s -H 'Authorization: Bearer {key}' '{base}/v1/batches/{batch_id}/items?status=failed'"
+        "  export INVITES_API__KEYS=$(cargo run -q -- secret) INVITES_INVITE__TOKEN_SECRET=$(cargo run -q -- secret)"
+    );
+    println!("  cargo run --release -- serve &");
+    println!("  KEY=$INVITES_API__KEYS");
+    println!("  curl -s -H \"Authorization: Bearer $KEY\" {base}/v1/batches/{batch_id}");
+    println!(
+        "  curl -s -H \"Authorization: Bearer $KEY\" '{base}/v1/batches/{batch_id}/items?status=failed'"
     );
     println!(
-        "  curl -s -X PUT -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\"
+        "  curl -s -X PUT -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' \\"
     );
     println!(
         "       -d '{{\"title\": \"Data Engineer\", \"status\": \"open\"}}' {base}/v1/jobs/job-1"
@@ -125,6 +125,43 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         bail!("the demo batch ended with {tally:?}, expected \"94 sent, 6 failed\"");
     }
     Ok(())
+}
+
+/// The key the demo calls its API with, saying where it comes from. Shipped or weak
+/// values are fine on loopback, where nobody else can reach the demo; on any other
+/// address the demo makes a key and a token secret of its own for this run.
+fn demo_key(settings: &mut Settings) -> String {
+    let needed = [Scope::BatchesWrite, Scope::BatchesRead];
+    let usable = |k: &ApiKey| needed.iter().all(|s| k.allows(*s));
+    if settings.refuse_insecure().is_err() {
+        if settings.http.bind.ip().is_loopback() {
+            println!(
+                "  secrets   the shipped development key and secret: fine on loopback, \
+                 refused by serve, api and work"
+            );
+        } else {
+            settings.api.keys = vec![ApiKey::new("demo", &config::generate_secret(), &needed)];
+            settings.invite.token_secret = Secret::new(config::generate_secret());
+            println!(
+                "  secrets   a key and token secret made for this run ({} is not loopback)",
+                settings.http.bind
+            );
+        }
+    }
+    if let Some(key) = settings
+        .api
+        .keys
+        .iter()
+        .filter(|k| usable(k))
+        .find_map(|k| k.key().map(|s| s.expose().to_owned()))
+    {
+        return key;
+    }
+    // Only digests (or no key that may send): a key of the demo's own for this run.
+    let key = config::generate_secret();
+    settings.api.keys.push(ApiKey::new("demo", &key, &needed));
+    println!("  secrets   a key made for this run (no configured key can send batches)");
+    key
 }
 
 /// The API as the demo calls it: the service's router, with the demo's key.

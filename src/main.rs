@@ -4,7 +4,7 @@ use clap::Parser;
 use invite_worker::{
     app,
     cli::{Cli, Command},
-    config::Settings,
+    config::{self, Settings},
     demo,
     http::Role,
     telemetry,
@@ -13,6 +13,11 @@ use invite_worker::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Secret = cli.command {
+        // Needs no configuration: a broken one must not stop anyone from making a key.
+        println!("{}", config::generate_secret());
+        return ExitCode::SUCCESS;
+    }
     // The demo prints its own progress; the services log what they do.
     telemetry::init_logging(match cli.command {
         Command::Demo => "warn",
@@ -29,6 +34,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The roles that serve for real refuse shipped or weak secrets (the demo does not).
+    if let Command::Serve | Command::Api | Command::Work = cli.command
+        && let Err(e) = settings.refuse_insecure()
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Serve => app::run(settings, Role::All).await,
         Command::Api => app::run(settings, Role::Api).await,
@@ -37,6 +49,7 @@ async fn main() -> ExitCode {
             println!("migrations applied");
         }),
         Command::Demo => demo::run(settings).await,
+        Command::Secret => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

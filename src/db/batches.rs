@@ -7,6 +7,7 @@ use sqlx::{PgConnection, PgExecutor, types::Json};
 use uuid::Uuid;
 
 use crate::domain::{
+    access::{Actor, AuditAction},
     ids::new_task_id,
     states::{BatchStatus, ItemReason, ItemStatus, JobStatus, OnDuplicate},
     warning::Warning,
@@ -27,6 +28,8 @@ pub(crate) struct BatchRow {
     pub(crate) skipped: i32,
     pub(crate) warnings: Json<Vec<Warning>>,
     pub(crate) request_hash: Option<Vec<u8>>,
+    /// The name of the API key that created it (none for batches from before names).
+    pub(crate) created_by: Option<String>,
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) completed_at: Option<DateTime<Utc>>,
     pub(crate) cancelled_at: Option<DateTime<Utc>>,
@@ -64,6 +67,10 @@ pub(crate) struct NewBatch {
     pub(crate) request_hash: Option<Vec<u8>>,
     /// The `x-request-id` of the request that creates it, for the worker's logs.
     pub(crate) request_id: Option<String>,
+    /// The name of the API key that creates it; its `Idempotency-Key` is that key's.
+    pub(crate) created_by: String,
+    /// Who the audit log says created it.
+    pub(crate) actor: Actor,
 }
 
 pub(crate) async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<BatchRow>> {
@@ -149,20 +156,25 @@ pub(crate) async fn list(
     .await
 }
 
+/// The batch that the API key named `created_by` created with `key`: an
+/// `Idempotency-Key` belongs to the API key that sent it.
 pub(crate) async fn find_by_idempotency_key(
     db: impl PgExecutor<'_>,
+    created_by: &str,
     key: &str,
 ) -> sqlx::Result<Option<BatchRow>> {
-    sqlx::query_as("SELECT * FROM batches WHERE idempotency_key = $1")
+    sqlx::query_as("SELECT * FROM batches WHERE created_by = $1 AND idempotency_key = $2")
+        .bind(created_by)
         .bind(key)
         .fetch_optional(db)
         .await
 }
 
-/// True when `e` is the unique violation of `batches.idempotency_key`: another request
-/// with the same key committed first.
+/// True when `e` is the unique violation of (`created_by`, `idempotency_key`): another
+/// request of the same API key with the same key committed first.
 pub(crate) fn is_idempotency_conflict(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.constraint() == Some("batches_idempotency_key_key"))
+    matches!(e, sqlx::Error::Database(d)
+        if d.constraint() == Some("batches_created_by_idempotency_key"))
 }
 
 /// What a cancel did.
@@ -183,6 +195,7 @@ pub(crate) async fn cancel(
     pool: &sqlx::PgPool,
     id: Uuid,
     in_flight: std::time::Duration,
+    actor: &Actor,
 ) -> sqlx::Result<Cancel> {
     let mut tx = pool.begin().await?;
     let status: Option<BatchStatus> =
@@ -225,6 +238,10 @@ pub(crate) async fn cancel(
     .await?;
     match row {
         Some(row) => {
+            let detail = serde_json::json!({ "skipped": sending.len() });
+            let target = id.to_string();
+            super::audit::record(&mut tx, actor, AuditAction::BatchCancelled, &target, detail)
+                .await?;
             tx.commit().await?;
             Ok(Cancel::Cancelled(row))
         }
@@ -253,12 +270,14 @@ pub(crate) enum Retry {
 
 /// Puts failed items back to `pending` (new task ids, attempts reset, a corrected
 /// address replacing the item's) and the batch back to `running`.
-/// `only` limits it to those candidates; `None` retries every failed item. The caller
-/// pushes the tasks in the same transaction and commits.
+/// `only` limits it to those candidates; `None` retries every failed item. The audit
+/// log records `actor`'s retry. The caller pushes the tasks in the same transaction and
+/// commits.
 pub(crate) async fn retry(
     tx: &mut PgConnection,
     id: Uuid,
     only: Option<&[RetryItem]>,
+    actor: &Actor,
 ) -> sqlx::Result<Retry> {
     let status: Option<BatchStatus> =
         sqlx::query_scalar("SELECT status FROM batches WHERE id = $1")
@@ -332,6 +351,16 @@ pub(crate) async fn retry(
     .bind(id)
     .bind(n)
     .fetch_one(&mut *tx)
+    .await?;
+    let corrected = chosen.iter().filter(|(_, e)| e.is_some()).count();
+    let detail = serde_json::json!({ "items": n, "corrected_emails": corrected });
+    super::audit::record(
+        tx,
+        actor,
+        AuditAction::BatchRetried,
+        &id.to_string(),
+        detail,
+    )
     .await?;
     Ok(Retry::Retried(row, tasks))
 }

@@ -2,10 +2,13 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::domain::states::InvitationStatus;
+use crate::domain::{
+    access::{Actor, AuditAction},
+    states::InvitationStatus,
+};
 
 /// The invitation resource.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -57,15 +60,26 @@ pub(crate) enum Redeem {
 }
 
 /// Consumes a live link in one atomic UPDATE: under any number of concurrent redeems
-/// of one token exactly one matches `status = 'PENDING'`.
-pub(crate) async fn redeem(db: &sqlx::PgPool, token_hash: &[u8; 32]) -> sqlx::Result<Redeem> {
+/// of one token exactly one matches `status = 'PENDING'`. A redeem is `actor`'s in
+/// the audit log.
+pub(crate) async fn redeem(
+    db: &PgPool,
+    token_hash: &[u8; 32],
+    actor: &Actor,
+) -> sqlx::Result<Redeem> {
+    let mut tx = db.begin().await?;
     let redeemed: Option<Invitation> = sqlx::query_as(include_str!("sql/redeem_invitation.sql"))
         .bind(&token_hash[..])
-        .fetch_optional(db)
+        .fetch_optional(&mut *tx)
         .await?;
     if let Some(invitation) = redeemed {
+        let (action, target) = (AuditAction::InvitationRedeemed, invitation.id.to_string());
+        let detail = serde_json::json!({ "batch_id": invitation.batch_id });
+        super::audit::record(&mut tx, actor, action, &target, detail).await?;
+        tx.commit().await?;
         return Ok(Redeem::Redeemed(invitation));
     }
+    tx.rollback().await?;
     let status: Option<InvitationStatus> =
         sqlx::query_scalar("SELECT status FROM invitations WHERE token_hash = $1")
             .bind(&token_hash[..])
@@ -90,6 +104,14 @@ pub(crate) enum Transition {
 }
 
 impl Transition {
+    /// How the audit log names it.
+    fn action(self) -> AuditAction {
+        match self {
+            Transition::Complete => AuditAction::InvitationCompleted,
+            Transition::Revoke => AuditAction::InvitationRevoked,
+        }
+    }
+
     /// The state an invitation must be in, and the one it moves to.
     pub(crate) fn states(self) -> (InvitationStatus, InvitationStatus) {
         match self {
@@ -99,16 +121,28 @@ impl Transition {
     }
 }
 
-/// Makes `transition` if the invitation is in its starting state; `None` when it is not
-/// (the caller answers 409) or does not exist.
+/// Makes `transition` if the invitation is in its starting state, as `actor` (in the
+/// audit log); `None` when it is not (the caller answers 409) or does not exist.
 pub(crate) async fn transition(
-    db: impl PgExecutor<'_>,
+    db: &PgPool,
     id: Uuid,
     transition: Transition,
+    actor: &Actor,
 ) -> sqlx::Result<Option<Invitation>> {
     let sql = match transition {
         Transition::Complete => include_str!("sql/complete_invitation.sql"),
         Transition::Revoke => include_str!("sql/revoke_invitation.sql"),
     };
-    sqlx::query_as(sql).bind(id).fetch_optional(db).await
+    let mut tx = db.begin().await?;
+    let changed: Option<Invitation> = sqlx::query_as(sql)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(invitation) = &changed {
+        let detail = serde_json::json!({ "batch_id": invitation.batch_id });
+        let target = id.to_string();
+        super::audit::record(&mut tx, actor, transition.action(), &target, detail).await?;
+    }
+    tx.commit().await?;
+    Ok(changed)
 }

@@ -2,9 +2,12 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, PgPool};
 
-use crate::domain::states::JobStatus;
+use crate::domain::{
+    access::{Actor, AuditAction},
+    states::JobStatus,
+};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub(crate) struct Job {
@@ -15,12 +18,14 @@ pub(crate) struct Job {
     pub(crate) updated_at: DateTime<Utc>,
 }
 
-/// Creates or updates a job; the flag says whether it was created.
+/// Creates or updates a job, and records it in the audit log as `actor`'s; the flag
+/// says whether it was created.
 pub(crate) async fn upsert(
-    db: impl PgExecutor<'_>,
+    pool: &PgPool,
     id: &str,
     title: &str,
     status: JobStatus,
+    actor: &Actor,
 ) -> sqlx::Result<(Job, bool)> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -28,6 +33,7 @@ pub(crate) async fn upsert(
         job: Job,
         created: bool,
     }
+    let mut tx = pool.begin().await?;
     let row: Row = sqlx::query_as(
         "INSERT INTO jobs (id, title, status) VALUES ($1, $2, $3)
          ON CONFLICT (id) DO UPDATE
@@ -37,8 +43,16 @@ pub(crate) async fn upsert(
     .bind(id)
     .bind(title)
     .bind(status)
-    .fetch_one(db)
+    .fetch_one(&mut *tx)
     .await?;
+    let action = if row.created {
+        AuditAction::JobCreated
+    } else {
+        AuditAction::JobUpdated
+    };
+    let detail = serde_json::json!({ "title": row.job.title, "status": row.job.status });
+    super::audit::record(&mut tx, actor, action, id, detail).await?;
+    tx.commit().await?;
     Ok((row.job, row.created))
 }
 

@@ -3,8 +3,13 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
+
+use crate::domain::{
+    access::{Actor, AuditAction},
+    email::mask,
+};
 
 /// One suppressed address.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -29,11 +34,28 @@ pub(crate) async fn list(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Ve
     .await
 }
 
-/// Takes `email` off the list; false when it was not on it.
-pub(crate) async fn delete(db: impl PgExecutor<'_>, email: &str) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM suppressions WHERE email = lower(btrim($1))")
-        .bind(email)
-        .execute(db)
-        .await?;
-    Ok(deleted.rows_affected() > 0)
+/// Takes `email` off the list, as `actor` (the audit log names the address masked);
+/// false when it was not on it.
+pub(crate) async fn delete(db: &PgPool, email: &str, actor: &Actor) -> sqlx::Result<bool> {
+    let mut tx = db.begin().await?;
+    let deleted: Option<String> = sqlx::query_scalar(
+        "DELETE FROM suppressions WHERE email = lower(btrim($1)) RETURNING email",
+    )
+    .bind(email)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(deleted) = deleted else {
+        return Ok(false);
+    };
+    let detail = serde_json::json!({});
+    super::audit::record(
+        &mut tx,
+        actor,
+        AuditAction::SuppressionDeleted,
+        &mask(&deleted),
+        detail,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }

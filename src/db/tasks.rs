@@ -119,7 +119,8 @@ pub(crate) enum Created {
 /// transaction) one round trip with its commit. The job row is locked `FOR SHARE`
 /// meanwhile, so a concurrent close waits for the batch or the batch sees the close.
 /// The batch keeps the warnings that apply: each unconditional one, and each
-/// `if_invited` one whose candidate holds a live invitation for the job.
+/// `if_invited` one whose candidate holds a live invitation for the job. The audit
+/// log's `batch.created` entry is written by the same statement.
 pub(crate) async fn create_batch(
     conn: &mut PgConnection,
     batch: &NewBatch,
@@ -174,6 +175,8 @@ pub(crate) async fn create_batch(
         )
         .bind(warnings.iter().map(|w| w.if_invited).collect::<Vec<_>>())
         .bind(&batch.request_id)
+        .bind(&batch.created_by)
+        .bind(batch.actor.as_str())
         .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else {

@@ -1,7 +1,8 @@
-//! Pure types and rules: ids, email addresses, link tokens, warnings and the states of
-//! batches, items and invitations. Nothing here does I/O, and nothing here uses another
-//! module of this crate.
+//! Pure types and rules: ids, email addresses, link tokens, warnings, access scopes,
+//! audit actions and the states of batches, items and invitations. Nothing here does
+//! I/O, and nothing here uses another module of this crate.
 
+pub mod access;
 pub mod email;
 pub mod ids;
 pub mod states;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{
+    access::Caller,
     error::{ApiError, ApiResult, Problem},
     extract::{JsonBody, OptionalJsonBody, PathUuid, QueryParams, optional, request_id},
     state::AppState,
@@ -80,6 +81,9 @@ pub(crate) struct BatchView {
     /// `"{sent} sent, {failed} failed"`, plus `", {skipped} skipped"` when any were.
     pub(crate) summary: String,
     pub(crate) warnings: Vec<Warning>,
+    /// The name of the API key that created the batch (`key:1`, `key:2`, … for keys
+    /// given as a plain list); null for batches created before keys had names.
+    pub(crate) created_by: Option<String>,
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) completed_at: Option<DateTime<Utc>>,
     pub(crate) cancelled_at: Option<DateTime<Utc>>,
@@ -111,6 +115,7 @@ impl From<BatchRow> for BatchView {
             status: b.status,
             total: b.total,
             warnings: b.warnings.0,
+            created_by: b.created_by,
             created_at: b.created_at,
             completed_at: b.completed_at,
             cancelled_at: b.cancelled_at,
@@ -336,18 +341,20 @@ fn replay(existing: BatchRow, hash: &[u8]) -> ApiResult<Response> {
     request_body = BatchRequest,
     responses((status = 202, description = "Accepted: the batch, its items and their queue tasks exist", body = BatchView,
             headers(("Location" = String, description = "/v1/batches/{id}"))),
-        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed, batch_too_large, empty_batch, count_mismatch, duplicate_candidates, invalid_duration, idempotency_key_reused", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     JsonBody(req): JsonBody<BatchRequest>,
 ) -> ApiResult<Response> {
     let key = idempotency_key(&headers)?;
     let hash = key.as_ref().map(|_| request_hash(&req));
     if let (Some(key), Some(hash)) = (&key, &hash)
-        && let Some(existing) = db::batches::find_by_idempotency_key(&state.pool, key).await?
+        && let Some(existing) =
+            db::batches::find_by_idempotency_key(&state.pool, &caller.name, key).await?
     {
         return replay(existing, hash);
     }
@@ -375,6 +382,8 @@ pub(crate) async fn create(
         idempotency_key: key.clone(),
         request_hash: hash.clone(),
         request_id: request_id(&headers),
+        created_by: caller.name.to_string(),
+        actor: caller.actor(),
     };
     let mut conn = state.pool.acquire().await?;
     let row = match tasks::create_batch(&mut conn, &batch).await {
@@ -386,7 +395,7 @@ pub(crate) async fn create(
             let (Some(key), Some(hash)) = (&key, &hash) else {
                 return Err(e.into());
             };
-            let existing = db::batches::find_by_idempotency_key(&mut *conn, key)
+            let existing = db::batches::find_by_idempotency_key(&mut *conn, &caller.name, key)
                 .await?
                 .ok_or_else(|| {
                     ApiError::Internal(anyhow::anyhow!("idempotency conflict without a batch"))
@@ -414,7 +423,7 @@ pub(crate) struct Preview {
 #[utoipa::path(post, path = "/v1/batches/preview", tag = "batches", security(("bearer" = [])),
     request_body = BatchRequest,
     responses((status = 200, description = "What a send would do; nothing written", body = Preview),
-        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "job_not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "job_closed", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed, batch_too_large, empty_batch, count_mismatch, duplicate_candidates, invalid_duration", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn preview(
@@ -469,7 +478,7 @@ pub(crate) struct ListQuery {
 #[utoipa::path(get, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("status" = Option<BatchStatus>, Query),
         ("limit" = Option<i64>, Query, description = "1 to 500, default 50")),
-    responses((status = 200, description = "Newest first", body = BatchList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Newest first", body = BatchList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
@@ -511,11 +520,12 @@ pub(crate) struct RetryCandidate {
 /// Puts failed items (all, or the ones listed) back through the queue.
 #[utoipa::path(post, path = "/v1/batches/{id}/retry", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body(content = Option<RetryRequest>, description = "Omit to retry every failed item"),
-    responses((status = 202, description = "Failed items are pending again", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+    responses((status = 202, description = "Failed items are pending again", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "not_retryable, invalid_transition", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn retry(
     State(state): State<AppState>,
+    caller: Caller,
     PathUuid(id): PathUuid,
     OptionalJsonBody(body): OptionalJsonBody<RetryRequest>,
 ) -> ApiResult<Response> {
@@ -543,7 +553,7 @@ pub(crate) async fn retry(
         }
     };
     let mut tx = state.pool.begin().await?;
-    match db::batches::retry(&mut tx, id, only.as_deref()).await? {
+    match db::batches::retry(&mut tx, id, only.as_deref(), &caller.actor()).await? {
         Retry::NotFound => Err(ApiError::NotFound(format!("no batch with id {id}"))),
         Retry::Cancelled => Err(ApiError::InvalidTransition(format!(
             "batch {id} is cancelled: its items cannot be retried"
@@ -573,16 +583,18 @@ pub(crate) async fn retry(
 /// sent. Waits for sends already on their way so each ends as what really happened.
 #[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 200, description = "Cancelled", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, description = "Cancelled", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
+    caller: Caller,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<BatchView>> {
+    let actor = caller.actor();
     let window = state.settings.smtp_timeout() + Duration::from_secs(5);
     let deadline = tokio::time::Instant::now() + window;
     loop {
-        match db::batches::cancel(&state.pool, id, window).await? {
+        match db::batches::cancel(&state.pool, id, window, &actor).await? {
             Cancel::Cancelled(row) => {
                 tracing::info!(batch = %id, "batch cancelled");
                 return Ok(Json(row.into()));
@@ -607,7 +619,7 @@ pub(crate) async fn cancel(
 
 #[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 200, description = "The batch", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The batch", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
@@ -633,7 +645,7 @@ pub(crate) struct ItemList {
 
 #[utoipa::path(get, path = "/v1/batches/{id}/items", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path), ("status" = Option<ItemStatus>, Query)),
-    responses((status = 200, description = "The items, in request order", body = ItemList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, description = "The items, in request order", body = ItemList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn items(
     State(state): State<AppState>,

@@ -11,6 +11,11 @@ use serde::Serialize;
 pub(crate) enum ApiError {
     #[error("missing or wrong bearer key")]
     Unauthorized,
+    #[error("this key lacks the scope {scope}, which {route} needs")]
+    Forbidden {
+        scope: crate::domain::access::Scope,
+        route: String,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -88,6 +93,7 @@ macro_rules! error_codes {
 
 error_codes! {
     Unauthorized = "unauthorized",
+    Forbidden = "forbidden",
     NotFound = "not_found",
     MethodNotAllowed = "method_not_allowed",
     ValidationFailed = "validation_failed",
@@ -118,6 +124,7 @@ impl ApiError {
         use StatusCode as S;
         match self {
             E::Unauthorized => (S::UNAUTHORIZED, C::Unauthorized, "Unauthorized"),
+            E::Forbidden { .. } => (S::FORBIDDEN, C::Forbidden, "Forbidden"),
             E::NotFound(_) => (S::NOT_FOUND, C::NotFound, "Not found"),
             E::MethodNotAllowed(_) => (
                 S::METHOD_NOT_ALLOWED,
@@ -215,6 +222,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if code == ErrorCode::Unauthorized {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         response
     }
 }

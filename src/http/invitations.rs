@@ -12,6 +12,7 @@ use crate::{
 };
 
 use super::{
+    access::Caller,
     error::{ApiError, ApiResult, Problem},
     extract::{JsonBody, PathUuid, QueryParams, optional},
     state::AppState,
@@ -44,7 +45,7 @@ fn not_found(id: uuid::Uuid) -> ApiError {
 
 #[utoipa::path(get, path = "/v1/invitations/{id}", tag = "invitations", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 200, description = "The invitation", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The invitation", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     PathUuid(id): PathUuid,
@@ -57,7 +58,7 @@ pub(crate) async fn get(
 
 #[utoipa::path(get, path = "/v1/invitations", tag = "invitations", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("candidate_id" = Option<String>, Query)),
-    responses((status = 200, description = "Newest first", body = InvitationList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Newest first", body = InvitationList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
@@ -76,18 +77,19 @@ pub(crate) async fn list(
 /// The first use of a live link answers 200 and the invitation, now IN_PROGRESS.
 #[utoipa::path(post, path = "/v1/invitations/redeem", tag = "invitations", security(("bearer" = [])),
     request_body = RedeemRequest,
-    responses((status = 200, description = "First use of a live link: now IN_PROGRESS", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, description = "First use of a live link: now IN_PROGRESS", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "token_invalid", body = Problem, content_type = "application/problem+json"), (status = 410, description = "token_used, token_expired", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn redeem(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(body): JsonBody<RedeemRequest>,
 ) -> ApiResult<Json<Invitation>> {
     let token = body.token.trim();
     if token.is_empty() || token.len() > 512 {
         return Err(ApiError::TokenInvalid);
     }
-    match db::invitations::redeem(&state.pool, &hash_token(token)).await? {
+    match db::invitations::redeem(&state.pool, &hash_token(token), &caller.actor()).await? {
         Redeem::Redeemed(invitation) => {
             metrics::counter!("invitations_redeemed_total").increment(1);
             Ok(Json(invitation))
@@ -100,10 +102,14 @@ pub(crate) async fn redeem(
 
 async fn transition(
     state: &AppState,
+    caller: &Caller,
     id: uuid::Uuid,
     transition: Transition,
 ) -> ApiResult<Json<Invitation>> {
-    if let Some(invitation) = db::invitations::transition(&state.pool, id, transition).await? {
+    let actor = caller.actor();
+    if let Some(invitation) =
+        db::invitations::transition(&state.pool, id, transition, &actor).await?
+    {
         return Ok(Json(invitation));
     }
     let current = db::invitations::get(&state.pool, id)
@@ -119,23 +125,25 @@ async fn transition(
 /// IN_PROGRESS → COMPLETED.
 #[utoipa::path(post, path = "/v1/invitations/{id}/complete", tag = "invitations", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 200, description = "IN_PROGRESS → COMPLETED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, description = "IN_PROGRESS → COMPLETED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn complete(
     State(state): State<AppState>,
+    caller: Caller,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<Invitation>> {
-    transition(&state, id, Transition::Complete).await
+    transition(&state, &caller, id, Transition::Complete).await
 }
 
 /// PENDING → REVOKED: the link stops working at once.
 #[utoipa::path(post, path = "/v1/invitations/{id}/revoke", tag = "invitations", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 200, description = "PENDING → REVOKED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, description = "PENDING → REVOKED", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "invalid_transition", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
+    caller: Caller,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<Invitation>> {
-    transition(&state, id, Transition::Revoke).await
+    transition(&state, &caller, id, Transition::Revoke).await
 }

@@ -13,6 +13,7 @@ use crate::{
 };
 
 use super::{
+    access::Caller,
     error::{ApiError, ApiResult, Problem},
     extract::JsonBody,
     state::AppState,
@@ -34,9 +35,10 @@ fn job_id(raw: &str) -> ApiResult<ExternalId> {
     params(("job_id" = String, Path, description = "The web app's id: 1 to 128 of [A-Za-z0-9._:-]")),
     request_body = PutJob,
     responses((status = 201, description = "Created", body = Job), (status = 200, description = "Updated", body = Job),
-        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"), (status = 413, description = "payload_too_large", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn put_job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw_id): Path<String>,
     JsonBody(body): JsonBody<PutJob>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
@@ -53,7 +55,14 @@ pub(crate) async fn put_job(
             "title: must not contain control characters".into(),
         ));
     }
-    let (job, created) = db::jobs::upsert(&state.pool, id.as_str(), title, body.status).await?;
+    let (job, created) = db::jobs::upsert(
+        &state.pool,
+        id.as_str(),
+        title,
+        body.status,
+        &caller.actor(),
+    )
+    .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -64,7 +73,7 @@ pub(crate) async fn put_job(
 
 #[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", security(("bearer" = [])),
     params(("job_id" = String, Path)),
-    responses((status = 200, description = "The job", body = Job), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The job", body = Job), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get_job(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,

@@ -1,9 +1,12 @@
 //! The HTTP API (axum): routes, bearer auth, body limit, request ids and spans,
 //! problem+json everywhere.
 //!
-//! Files depend one way: `router` → the resources (`batches`, `invitations`, `jobs`,
-//! `service`, `suppressions`, `openapi`) → `state`, `extract`, `error`.
+//! Files depend one way: `router` → the resources (`audit`, `batches`, `invitations`,
+//! `jobs`, `service`, `suppressions`, `openapi`) → `access`, `state`, `extract`,
+//! `error`.
 
+mod access;
+mod audit;
 pub mod batches;
 pub mod error;
 pub mod extract;

@@ -7,7 +7,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{batches, error, invitations, jobs, service, suppressions};
+use super::{audit, batches, error, invitations, jobs, service, suppressions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use super::{batches, error, invitations, jobs, service, suppressions};
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
         suppressions::list, suppressions::delete,
+        audit::list,
         service::healthz, service::readyz, service::metrics, serve,
     ),
     components(schemas(error::Problem, error::ErrorCode)),
@@ -33,6 +34,7 @@ use super::{batches, error, invitations, jobs, service, suppressions};
         (name = "batches", description = "Bulk invite requests and their items"),
         (name = "invitations", description = "Single-use interview links"),
         (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
+        (name = "audit", description = "Who changed what (admin)"),
         (name = "service", description = "Health, readiness, metrics, this document (no auth)"),
     )
 )]
@@ -84,6 +86,7 @@ mod tests {
         ("post", "/v1/invitations/{id}/revoke"),
         ("get", "/v1/suppressions"),
         ("delete", "/v1/suppressions/{email}"),
+        ("get", "/v1/audit"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

@@ -1,15 +1,15 @@
 //! The whole router: the routes, what runs around every request (request id, span,
-//! body limit), bearer authentication, and the answers for unknown routes.
+//! body limit), bearer authentication before routing and each route's scope, and the
+//! answers for unknown routes.
 
 use axum::{
     Router,
     extract::{DefaultBodyLimit, MatchedPath, Request, State},
-    http::{Method, header},
+    http::Method,
     middleware::{self, Next},
     response::Response,
     routing::{delete, get, post, put},
 };
-use subtle::ConstantTimeEq;
 use tower::ServiceBuilder;
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -17,7 +17,8 @@ use tower_http::{
 };
 
 use super::{
-    batches,
+    access::{self, Caller},
+    audit, batches,
     error::ApiError,
     extract::REQUEST_ID,
     invitations, jobs, openapi, service,
@@ -53,11 +54,17 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/invitations/{id}/revoke", post(invitations::revoke))
             .route("/suppressions", get(suppressions::list))
             .route("/suppressions/{email}", delete(suppressions::delete))
-            .route_layer(middleware::from_fn_with_state(
+            .route("/audit", get(audit::list))
+            // Each route's scope (`access::ROUTE_SCOPES`), for the caller found below.
+            .route_layer(middleware::from_fn(access::authorize))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            // Around every /v1 request, unknown routes included: a path tells nothing
+            // to a caller without a valid key.
+            .layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_bearer,
-            ))
-            .method_not_allowed_fallback(method_not_allowed);
+            ));
         service.nest("/v1", v1)
     };
     app.fallback(not_found)
@@ -84,7 +91,9 @@ fn request_span(request: &Request) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!("request", method = %request.method(), route, request_id = %id)
+    // `key`: the name of the API key, once authenticated (never the key itself).
+    tracing::info_span!("request", method = %request.method(), route, request_id = %id,
+        key = tracing::field::Empty)
 }
 
 async fn not_found() -> ApiError {
@@ -95,26 +104,20 @@ async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on this route"))
 }
 
-/// `Authorization: Bearer <key>` with a key from `api.keys`. Every configured key is
-/// compared in constant time, so timing tells nothing about how close a guess was.
+/// `Authorization: Bearer <key>` with a key from `api.keys` (compared in constant
+/// time: `access::authenticate`). The key's name goes into the request's span and, as
+/// a [`Caller`], into its extensions.
 async fn require_bearer(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or_default();
-    let mut ok = subtle::Choice::from(0u8);
-    for key in &state.settings.api.keys {
-        ok |= key.expose().as_bytes().ct_eq(presented.as_bytes());
-    }
-    if presented.is_empty() || !bool::from(ok) {
+    let key = access::bearer_token(request.headers())
+        .and_then(|presented| access::authenticate(&state.settings.api.keys, presented));
+    let Some(key) = key else {
         return Err(ApiError::Unauthorized);
-    }
+    };
+    tracing::Span::current().record("key", tracing::field::display(&key.name));
+    request.extensions_mut().insert(Caller::new(key));
     Ok(next.run(request).await)
 }

@@ -9,6 +9,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 
 use super::{
+    access::Caller,
     error::{ApiError, ApiResult, Problem},
     extract::{QueryParams, optional},
     state::AppState,
@@ -32,7 +33,7 @@ pub(crate) struct ListQuery {
 #[utoipa::path(get, path = "/v1/suppressions", tag = "suppressions", security(("bearer" = [])),
     params(("limit" = Option<i64>, Query, description = "1 to 1000, default 100")),
     responses((status = 200, description = "Newest first", body = SuppressionList),
-        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -52,13 +53,17 @@ pub(crate) async fn list(
 #[utoipa::path(delete, path = "/v1/suppressions/{email}", tag = "suppressions", security(("bearer" = [])),
     params(("email" = String, Path, description = "The address, any case")),
     responses((status = 204, description = "Removed"),
-        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path(email): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if email.len() > 1024 || !db::suppressions::delete(&state.pool, &email).await? {
+    if email.len() > 1024
+        || email.contains('\0')
+        || !db::suppressions::delete(&state.pool, &email, &caller.actor()).await?
+    {
         return Err(ApiError::NotFound(
             "that address is not on the suppression list".into(),
         ));

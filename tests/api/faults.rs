@@ -611,7 +611,8 @@ async fn sends_keep_to_the_configured_rate_after_the_initial_burst() {
 #[tokio::test]
 async fn logs_show_masked_addresses_but_no_address_link_token_or_api_key() {
     let mut app = prepare_app_with(|s| {
-        s.invite.token_secret = invite_worker::config::Secret::new("s3cret-for-the-log-test");
+        s.invite.token_secret =
+            invite_worker::config::Secret::new("s3cret-for-the-log-test-0123456789abcdef");
     })
     .await;
     let mut serve = Service::new("serve", &app.settings)

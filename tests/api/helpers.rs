@@ -7,7 +7,8 @@ use std::{path::Path, time::Duration};
 
 use invite_worker::{
     app::{self, RunningApp},
-    config::{MailTransport, Settings},
+    config::{ApiKey, MailTransport, Settings},
+    domain::access::Scope,
     http::Role,
 };
 use reqwest::{Response, StatusCode};
@@ -16,7 +17,9 @@ use smtp_testkit::SmtpServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-pub const KEY: &str = "test-key";
+/// The tests' API key (every scope), and token secret: strong enough for `serve`.
+pub const KEY: &str = "test-key-0123456789-abcdefghij";
+pub const TOKEN_SECRET: &str = "test-token-secret-0123456789-abcdefghij";
 
 /// The server tests connect to; `TEST_DATABASE_URL` overrides (no database name).
 pub fn server_url() -> String {
@@ -32,7 +35,8 @@ pub fn test_settings(smtp_port: u16) -> Settings {
     let db = format!("iw_test_{}", uuid::Uuid::now_v7().simple());
     s.database.url = invite_worker::config::Secret::new(format!("{}/{db}", server_url()));
     s.database.max_connections = 12;
-    s.api.keys = vec![invite_worker::config::Secret::new(KEY)];
+    s.api.keys = vec![ApiKey::new("key:1", KEY, &Scope::ALL)];
+    s.invite.token_secret = invite_worker::config::Secret::new(TOKEN_SECRET);
     s.mail.transport = MailTransport::Smtp;
     s.mail.rate_per_second = 10_000;
     s.smtp.port = smtp_port;

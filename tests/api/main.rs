@@ -1,6 +1,7 @@
 //! Integration tests: one binary, a fresh PostgreSQL database per test, a real SMTP
 //! server over TCP, the real binary where a process must die.
 
+mod access;
 mod delivery;
 mod dkim;
 mod faults;
@@ -14,6 +15,7 @@ mod process;
 mod queue_maintenance;
 mod rejections;
 mod restart;
+mod secure_defaults;
 mod smtp_tls;
 mod suppression;
 mod throttling;

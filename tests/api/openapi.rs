@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{KEY, spawn_app};
 
 #[tokio::test]
 async fn every_documented_route_is_served_and_the_document_parses() {
@@ -17,7 +17,7 @@ async fn every_documented_route_is_served_and_the_document_parses() {
     assert_eq!(r.status(), StatusCode::OK);
     let doc: Value = r.json().await.expect("the document is JSON");
     let paths = doc["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 18, "every path of the contract is listed");
+    assert_eq!(paths.len(), 19, "every path of the contract is listed");
     for (path, methods) in paths {
         let concrete = path
             .replace("{job_id}", "job-1")
@@ -41,6 +41,18 @@ async fn every_documented_route_is_served_and_the_document_parses() {
             };
             if path.starts_with("/v1/") {
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+                // Authentication comes before routing: with a key, the route is there.
+                let r = app
+                    .client
+                    .request(method.clone(), app.url(&concrete))
+                    .bearer_auth(KEY)
+                    .send()
+                    .await
+                    .expect("request");
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                assert!(!body.contains("no such route"), "{method} {path}: {body}");
             } else {
                 assert!(status.is_success(), "{method} {path}: {status} {body}");
             }

@@ -37,7 +37,34 @@ pub fn free_port() -> u16 {
 /// `http.bind` is set by [`Service::start`] (a free port per process).
 pub fn env_for(settings: &Settings) -> Vec<(String, String)> {
     let s = settings;
-    let keys: Vec<&str> = s.api.keys.iter().map(|k| k.expose()).collect();
+    // Every key as a named-key table, in the env form figment reads.
+    let keys: Vec<String> = s
+        .api
+        .keys
+        .iter()
+        .map(|k| {
+            let scopes: Vec<String> = k
+                .scopes
+                .iter()
+                .map(|s| format!("{:?}", s.as_str()))
+                .collect();
+            let secret = match k.key() {
+                Some(key) => format!("key={:?}", key.expose()),
+                None => format!(
+                    "key_sha256={:?}",
+                    k.sha256()
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                ),
+            };
+            format!(
+                "{{name={:?}, {secret}, scopes=[{}]}}",
+                k.name,
+                scopes.join(",")
+            )
+        })
+        .collect();
     let transport = match s.mail.transport {
         MailTransport::Smtp => "smtp",
         MailTransport::File => "file",
@@ -48,7 +75,7 @@ pub fn env_for(settings: &Settings) -> Vec<(String, String)> {
             "DATABASE__MAX_CONNECTIONS",
             s.database.max_connections.to_string(),
         ),
-        ("API__KEYS", keys.join(",")),
+        ("API__KEYS", format!("[{}]", keys.join(","))),
         ("MAIL__TRANSPORT", transport.to_owned()),
         ("MAIL__RATE_PER_SECOND", s.mail.rate_per_second.to_string()),
         ("SMTP__HOST", s.smtp.host.clone()),

@@ -302,7 +302,8 @@ async fn measure(
     smtp.set_store_bodies(false);
 
     // 3. The service, configured through its environment only.
-    let key = format!("bench-key-{run_id}");
+    // Strong values: the service refuses shipped or short ones.
+    let key = invite_worker::config::generate_secret();
     let port = service::free_port()?;
     let mut env: Vec<(String, String)> = vec![
         ("INVITES_DATABASE__URL".into(), url.clone()),
@@ -310,6 +311,10 @@ async fn measure(
         ("INVITES_MAIL__TRANSPORT".into(), "smtp".into()),
         ("INVITES_SMTP__PORT".into(), smtp.port().to_string()),
         ("INVITES_API__KEYS".into(), key.clone()),
+        (
+            "INVITES_INVITE__TOKEN_SECRET".into(),
+            invite_worker::config::generate_secret(),
+        ),
         (
             "INVITES_MAIL__RATE_PER_SECOND".into(),
             args.rate_per_second.to_string(),
@@ -596,7 +601,7 @@ async fn measure(
             env: env
                 .iter()
                 .map(|(k, v)| {
-                    if k == "INVITES_API__KEYS" {
+                    if k == "INVITES_API__KEYS" || k == "INVITES_INVITE__TOKEN_SECRET" {
                         format!("{k}=***")
                     } else {
                         format!("{k}={v}")

@@ -5,7 +5,8 @@
 --
 -- $1 batch id, $2 job id, $3 duration, $4 on_duplicate, $5 total,
 -- $6 warning candidate ids, $18 codes, $19 messages, $20 only-if-invited flags,
--- $7 idempotency key, $8 request hash, $21 request id,
+-- $7 idempotency key, $8 request hash, $21 request id, $22 created by (the API key's
+-- name), $23 the audit log's actor,
 -- $9..$14 items (id, candidate id, email, name, task id, email error),
 -- $15 queue, $16 task max_attempts, $17 payloads.
 WITH job AS (
@@ -23,8 +24,8 @@ warned AS (
                      AND invitation_is_live(v.status, v.expires_at))),
 batch AS (
    INSERT INTO batches (id, job_id, duration_minutes, on_duplicate, total, pending,
-                        warnings, idempotency_key, request_hash, request_id)
-   SELECT $1, job.id, $3, $4, $5, $5, warned.warnings, $7, $8, $21
+                        warnings, idempotency_key, request_hash, request_id, created_by)
+   SELECT $1, job.id, $3, $4, $5, $5, warned.warnings, $7, $8, $21, $22
      FROM job, warned
     WHERE job.status <> 'closed'
    RETURNING *),
@@ -42,5 +43,10 @@ tasks AS (
    INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at,
                             priority, metadata)
    SELECT t.task_id, $15, t.payload, 'Pending', 0, $16, now(), 0, ''::hstore
-     FROM batch, unnest($13::text[], $17::bytea[]) AS t(task_id, payload))
+     FROM batch, unnest($13::text[], $17::bytea[]) AS t(task_id, payload)),
+audit AS (
+   INSERT INTO audit_log (actor, action, target, detail)
+   SELECT $23, 'batch.created', batch.id::text,
+          jsonb_build_object('job_id', batch.job_id, 'total', batch.total)
+     FROM batch)
 SELECT job.status AS job_status, batch.* FROM job LEFT JOIN batch ON true
