@@ -15,7 +15,8 @@ use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use lettre::message::Mailbox;
 use sha2::{Digest, Sha256};
 
-use crate::domain::access::Scope;
+/// The scopes an [`ApiKey`] holds.
+pub use crate::domain::access::Scope;
 
 /// The shipped configuration file; its values are the defaults.
 pub const DEFAULTS: &str = include_str!("../worker.toml");

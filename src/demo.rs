@@ -26,8 +26,7 @@ use tower::ServiceExt;
 
 use crate::{
     app,
-    config::{self, ApiKey, MailTransport, Secret, Settings},
-    domain::access::Scope,
+    config::{self, ApiKey, MailTransport, Scope, Secret, Settings},
     http::Role,
 };
 
