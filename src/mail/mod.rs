@@ -19,7 +19,10 @@ use lettre::{
 };
 
 use self::smtp::{SmtpClient, SmtpError};
-use crate::config::{MailTransport, Settings};
+use crate::{
+    config::{MailTransport, Settings},
+    domain::email::mask_addresses,
+};
 
 /// Why a send did not go through, split the way the retry policy needs it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,7 +170,8 @@ fn classify(e: &SmtpError) -> SendError {
         || enhanced.starts_with("5.5.")
         || matches!(enhanced, "5.1.7" | "5.1.8");
     if ours {
-        tracing::error!(reply = %detail, "the mail server refused us, not the recipient: check [smtp] and mail.from");
+        tracing::error!(reply = %mask_addresses(&detail),
+            "the mail server refused us, not the recipient: check [smtp] and mail.from");
         SendError::Transient(detail)
     } else {
         SendError::Permanent(detail)
@@ -188,9 +192,29 @@ async fn write_eml(dir: &Path, key: &str, message: &Message) -> Result<(), SendE
     let path = dir.join(format!("{safe}.eml"));
     let tmp = dir.join(format!(".{safe}.eml.tmp"));
     let io = |e: std::io::Error| SendError::Transient(format!("outbox: {e}"));
-    tokio::fs::write(&tmp, message.formatted())
+    write_private(&tmp, &message.formatted())
         .await
         .map_err(io)?;
     tokio::fs::rename(&tmp, &path).await.map_err(io)?;
     Ok(())
+}
+
+/// Writes `bytes` to `path`, readable and writable by the owner only (0600): a message
+/// holds a live link and the candidate's address. The mode is set on the open file as
+/// well, for a file left behind with other permissions (its creation mode would not
+/// apply to it).
+async fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    #[cfg(unix)]
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).await?;
+    #[cfg(unix)]
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .await?;
+    file.write_all(bytes).await?;
+    file.flush().await
 }

@@ -28,7 +28,7 @@ use crate::{
         tasks::{self, NewTask, OutcomeRecord},
     },
     domain::{
-        email::mask,
+        email::{mask, mask_addresses},
         ids::new_task_id,
         states::{ItemReason, ItemStatus, WarningCode},
         warning::Warning,
@@ -367,18 +367,20 @@ fn log(outcome: &Outcome, result: &Delivery) {
             tracing::warn!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 attempt = outcome.attempt,
                 delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                error = %e.detail(), "send failed; retry scheduled");
+                error = %mask_addresses(e.detail()), "send failed; retry scheduled");
         }
         (Delivery::Ended(reason), Attempted::Sent(Err(e))) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
             tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
-                status = %reason.status(), reason = %reason, detail = %e.detail(), "item failed");
+                status = %reason.status(), reason = %reason, detail = %mask_addresses(e.detail()),
+                "item failed");
         }
         (Delivery::Ended(reason), Attempted::NotSent { detail, .. }) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
             tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 status = %reason.status(), reason = %reason,
-                detail = detail.as_deref().unwrap_or(""), "item ended without a send");
+                detail = %mask_addresses(detail.as_deref().unwrap_or("")),
+                "item ended without a send");
         }
         (Delivery::NothingToDo, _) => {
             tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id,

@@ -10,6 +10,7 @@ mod lifecycle;
 mod main_path;
 mod openapi;
 mod plans;
+mod privacy;
 mod process;
 mod queue_maintenance;
 mod rejections;
