@@ -1,6 +1,7 @@
 //! Every SQL statement of the service. Queries are checked at run time (no build-time
 //! database), and each function says which rows it locks and why.
 
+pub(crate) mod attempts;
 pub mod batches;
 pub mod delivery;
 pub mod invitations;

@@ -1,9 +1,11 @@
 //! The HTTP API (axum): routes, bearer auth, body limit, request ids and spans,
 //! problem+json everywhere.
 //!
-//! Files depend one way: `router` → the resources (`batches`, `invitations`, `jobs`,
-//! `service`, `suppressions`, `openapi`) → `state`, `extract`, `error`.
+//! Files depend one way: `router` → the resources (`attempts`, `batches`,
+//! `invitations`, `jobs`, `service`, `suppressions`, `openapi`) → `state`, `extract`,
+//! `error`.
 
+mod attempts;
 pub mod batches;
 pub mod error;
 pub mod extract;

@@ -7,7 +7,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{batches, error, invitations, jobs, service, suppressions};
+use super::{attempts, batches, error, invitations, jobs, service, suppressions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,7 +20,7 @@ use super::{batches, error, invitations, jobs, service, suppressions};
     paths(
         jobs::put_job, jobs::get_job,
         batches::create, batches::preview, batches::list, batches::get, batches::items,
-        batches::retry, batches::cancel,
+        batches::retry, batches::cancel, attempts::list,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
         suppressions::list, suppressions::delete,
@@ -77,6 +77,7 @@ mod tests {
         ("get", "/v1/batches/{id}/items"),
         ("post", "/v1/batches/{id}/retry"),
         ("post", "/v1/batches/{id}/cancel"),
+        ("get", "/v1/batches/{id}/items/{candidate_id}/attempts"),
         ("get", "/v1/invitations"),
         ("get", "/v1/invitations/{id}"),
         ("post", "/v1/invitations/redeem"),

@@ -17,7 +17,7 @@ use tower_http::{
 };
 
 use super::{
-    batches,
+    attempts, batches,
     error::ApiError,
     extract::REQUEST_ID,
     invitations, jobs, openapi, service,
@@ -46,6 +46,10 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/batches/{id}/retry", post(batches::retry))
             .route("/batches/{id}/cancel", post(batches::cancel))
             .route("/batches/{id}/items", get(batches::items))
+            .route(
+                "/batches/{id}/items/{candidate_id}/attempts",
+                get(attempts::list),
+            )
             .route("/invitations", get(invitations::list))
             .route("/invitations/redeem", post(invitations::redeem))
             .route("/invitations/{id}", get(invitations::get))

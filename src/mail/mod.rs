@@ -18,6 +18,8 @@ use lettre::{
     message::{Mailbox, dkim::DkimConfig},
 };
 
+use lettre::transport::smtp::response::Response;
+
 use self::smtp::{SmtpClient, SmtpError};
 use crate::{
     config::{MailTransport, Settings},
@@ -105,6 +107,17 @@ impl Mailer {
     /// half-finished connection in the pool for the next send to trip over; an exchange
     /// that outlasts `smtp.timeout_secs` is dropped with its connection.
     pub async fn send(&self, key: &str, message: &Message) -> Result<(), SendError> {
+        self.send_for_reply(key, message).await.map(|_reply| ())
+    }
+
+    /// As [`Mailer::send`], answering the server's reply to the message
+    /// (`250 2.0.0 Ok: queued as …`; none for the file transport), for the attempt
+    /// history.
+    pub(crate) async fn send_for_reply(
+        &self,
+        key: &str,
+        message: &Message,
+    ) -> Result<Option<String>, SendError> {
         self.limiter.until_ready().await;
         let signed;
         let message = match &self.dkim {
@@ -117,13 +130,13 @@ impl Mailer {
             None => message,
         };
         match &self.transport {
-            Transport::File { dir } => write_eml(dir, key, message).await,
+            Transport::File { dir } => write_eml(dir, key, message).await.map(|()| None),
             Transport::Smtp(client) => {
                 let (client, timeout) = (Arc::clone(client), self.timeout);
                 let (envelope, bytes) = (message.envelope().clone(), message.formatted());
                 let exchange = async move {
                     match tokio::time::timeout(timeout, client.send(&envelope, &bytes)).await {
-                        Ok(Ok(_reply)) => Ok(()),
+                        Ok(Ok(reply)) => Ok(Some(reply_line(&reply))),
                         Ok(Err(e)) => Err(classify(&e)),
                         Err(_elapsed) => Err(SendError::Transient(format!(
                             "timeout: no reply within {} s",
@@ -136,6 +149,14 @@ impl Mailer {
                     .unwrap_or_else(|e| Err(SendError::Transient(format!("send task failed: {e}"))))
             }
         }
+    }
+}
+
+/// The first line of a reply as the server wrote it: `250 2.0.0 Ok: queued as X`.
+fn reply_line(reply: &Response) -> String {
+    match reply.first_line() {
+        Some(line) => format!("{} {}", reply.code(), line.trim()),
+        None => reply.code().to_string(),
     }
 }
 

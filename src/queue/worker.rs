@@ -95,9 +95,23 @@ pub fn fetch_size(concurrency: usize) -> usize {
     concurrency.saturating_mul(2)
 }
 
-/// A name no other live worker has: host, pid, start time and generation.
-fn worker_name(generation: u32) -> String {
-    let host = hostname();
+/// This process as people read it (the attempt history, the worker names):
+/// `worker.name` when set, else `host:pid`.
+pub(crate) fn process_name(settings: &Settings) -> String {
+    if settings.worker.name.is_empty() {
+        format!("{}:{}", hostname(), std::process::id())
+    } else {
+        settings.worker.name.clone()
+    }
+}
+
+/// A name no other live worker has: `worker.name` (or the host), pid, start time and
+/// generation.
+fn worker_name(settings: &Settings, generation: u32) -> String {
+    let host = match settings.worker.name.as_str() {
+        "" => hostname(),
+        name => name.to_owned(),
+    };
     let pid = std::process::id();
     static STARTED: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let started = STARTED.get_or_init(|| {
@@ -197,7 +211,7 @@ async fn run_with_restarts(
                     ))
                     .interval(poll),
             );
-        let name = worker_name(generation);
+        let name = worker_name(settings, generation);
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
             .concurrency(w.concurrency)
