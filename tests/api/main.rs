@@ -16,6 +16,7 @@ mod process;
 mod queue_maintenance;
 mod rejections;
 mod restart;
+mod retention;
 mod smtp_tls;
 mod suppression;
 mod throttling;
