@@ -3,6 +3,7 @@
 
 pub(crate) mod attempts;
 pub mod batches;
+pub(crate) mod candidates;
 pub mod delivery;
 pub mod invitations;
 pub mod jobs;

@@ -2,11 +2,12 @@
 //! problem+json everywhere.
 //!
 //! Files depend one way: `router` → the resources (`attempts`, `batches`,
-//! `invitations`, `jobs`, `service`, `suppressions`, `openapi`) → `state`, `extract`,
-//! `error`.
+//! `candidates`, `invitations`, `jobs`, `service`, `suppressions`, `openapi`) →
+//! `state`, `extract`, `error`.
 
 mod attempts;
 pub mod batches;
+mod candidates;
 pub mod error;
 pub mod extract;
 pub mod invitations;

@@ -7,7 +7,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{attempts, batches, error, invitations, jobs, service, suppressions};
+use super::{attempts, batches, candidates, error, invitations, jobs, service, suppressions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,6 +21,7 @@ use super::{attempts, batches, error, invitations, jobs, service, suppressions};
         jobs::put_job, jobs::get_job,
         batches::create, batches::preview, batches::list, batches::get, batches::items,
         batches::retry, batches::cancel, attempts::list,
+        candidates::erase,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
         suppressions::list, suppressions::delete,
@@ -32,6 +33,7 @@ use super::{attempts, batches, error, invitations, jobs, service, suppressions};
         (name = "jobs", description = "Job openings"),
         (name = "batches", description = "Bulk invite requests and their items"),
         (name = "invitations", description = "Single-use interview links"),
+        (name = "candidates", description = "Erasure of a candidate's personal data"),
         (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
         (name = "service", description = "Health, readiness, metrics, this document (no auth)"),
     )
@@ -78,6 +80,7 @@ mod tests {
         ("post", "/v1/batches/{id}/retry"),
         ("post", "/v1/batches/{id}/cancel"),
         ("get", "/v1/batches/{id}/items/{candidate_id}/attempts"),
+        ("delete", "/v1/candidates/{candidate_id}"),
         ("get", "/v1/invitations"),
         ("get", "/v1/invitations/{id}"),
         ("post", "/v1/invitations/redeem"),

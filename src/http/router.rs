@@ -17,7 +17,7 @@ use tower_http::{
 };
 
 use super::{
-    attempts, batches,
+    attempts, batches, candidates,
     error::ApiError,
     extract::REQUEST_ID,
     invitations, jobs, openapi, service,
@@ -50,6 +50,7 @@ pub(crate) fn router(state: AppState) -> Router {
                 "/batches/{id}/items/{candidate_id}/attempts",
                 get(attempts::list),
             )
+            .route("/candidates/{candidate_id}", delete(candidates::erase))
             .route("/invitations", get(invitations::list))
             .route("/invitations/redeem", post(invitations::redeem))
             .route("/invitations/{id}", get(invitations::get))

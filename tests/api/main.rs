@@ -4,6 +4,7 @@
 mod attempts;
 mod delivery;
 mod dkim;
+mod erasure;
 mod faults;
 mod harness;
 mod helpers;
