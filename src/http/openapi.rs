@@ -123,5 +123,11 @@ mod tests {
             );
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        for schema in ["AttemptList", "Attempt", "AttemptOutcome", "Erased"] {
+            assert!(
+                doc["components"]["schemas"][schema].is_object(),
+                "{schema} is a component: the routes' $refs resolve"
+            );
+        }
     }
 }
