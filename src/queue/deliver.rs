@@ -89,7 +89,7 @@ impl Deliverer {
             pool: pool.clone(),
             retry: settings.retry.clone(),
             suppress_rejected: settings.mail.suppress_rejected,
-            worker: super::worker::process_name(&settings),
+            worker: super::process::process_name(&settings),
         };
         Self {
             pool,

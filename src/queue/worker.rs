@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Settings,
     db::tasks::{QUEUE, SendInvite, TaskEnd},
-    queue::deliver::Deliverer,
+    queue::{deliver::Deliverer, process},
 };
 
 /// Hands task payloads to the handler as the stored bytes. apalis decodes payloads
@@ -95,21 +95,11 @@ pub fn fetch_size(concurrency: usize) -> usize {
     concurrency.saturating_mul(2)
 }
 
-/// This process as people read it (the attempt history, the worker names):
-/// `worker.name` when set, else `host:pid`.
-pub(crate) fn process_name(settings: &Settings) -> String {
-    if settings.worker.name.is_empty() {
-        format!("{}:{}", hostname(), std::process::id())
-    } else {
-        settings.worker.name.clone()
-    }
-}
-
 /// A name no other live worker has: `worker.name` (or the host), pid, start time and
 /// generation.
 fn worker_name(settings: &Settings, generation: u32) -> String {
     let host = match settings.worker.name.as_str() {
-        "" => hostname(),
+        "" => process::hostname(),
         name => name.to_owned(),
     };
     let pid = std::process::id();
@@ -121,14 +111,6 @@ fn worker_name(settings: &Settings, generation: u32) -> String {
             .unwrap_or_default()
     });
     format!("invite-worker@{host}:{pid}:{started}:{generation}")
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Runs the queue workers until `shutdown` is cancelled; then lets in-flight tasks
