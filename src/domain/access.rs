@@ -131,6 +131,8 @@ audit_actions! {
     InvitationCompleted = "invitation.completed",
     InvitationRevoked = "invitation.revoked",
     SuppressionDeleted = "suppression.deleted",
+    /// `DELETE /v1/candidates/{id}` erased a candidate's email and name.
+    CandidateErased = "candidate.erased",
 }
 
 impl fmt::Display for AuditAction {

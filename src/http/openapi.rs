@@ -7,7 +7,9 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{audit, batches, error, invitations, jobs, service, suppressions};
+use super::{
+    attempts, audit, batches, candidates, error, invitations, jobs, service, suppressions,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,7 +22,8 @@ use super::{audit, batches, error, invitations, jobs, service, suppressions};
     paths(
         jobs::put_job, jobs::get_job,
         batches::create, batches::preview, batches::list, batches::get, batches::items,
-        batches::retry, batches::cancel,
+        batches::retry, batches::cancel, attempts::list,
+        candidates::erase,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
         suppressions::list, suppressions::delete,
@@ -33,6 +36,7 @@ use super::{audit, batches, error, invitations, jobs, service, suppressions};
         (name = "jobs", description = "Job openings"),
         (name = "batches", description = "Bulk invite requests and their items"),
         (name = "invitations", description = "Single-use interview links"),
+        (name = "candidates", description = "Erasure of a candidate's personal data"),
         (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
         (name = "audit", description = "Who changed what (admin)"),
         (name = "service", description = "Health, readiness, metrics, this document (no auth)"),
@@ -79,6 +83,8 @@ mod tests {
         ("get", "/v1/batches/{id}/items"),
         ("post", "/v1/batches/{id}/retry"),
         ("post", "/v1/batches/{id}/cancel"),
+        ("get", "/v1/batches/{id}/items/{candidate_id}/attempts"),
+        ("delete", "/v1/candidates/{candidate_id}"),
         ("get", "/v1/invitations"),
         ("get", "/v1/invitations/{id}"),
         ("post", "/v1/invitations/redeem"),
@@ -122,5 +128,11 @@ mod tests {
             );
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        for schema in ["AttemptList", "Attempt", "AttemptOutcome", "Erased"] {
+            assert!(
+                doc["components"]["schemas"][schema].is_object(),
+                "{schema} is a component: the routes' $refs resolve"
+            );
+        }
     }
 }

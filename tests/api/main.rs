@@ -2,8 +2,10 @@
 //! server over TCP, the real binary where a process must die.
 
 mod access;
+mod attempts;
 mod delivery;
 mod dkim;
+mod erasure;
 mod faults;
 mod harness;
 mod helpers;
@@ -11,10 +13,12 @@ mod lifecycle;
 mod main_path;
 mod openapi;
 mod plans;
+mod privacy;
 mod process;
 mod queue_maintenance;
 mod rejections;
 mod restart;
+mod retention;
 mod secure_defaults;
 mod smtp_tls;
 mod suppression;
