@@ -15,7 +15,10 @@ use super::{batches, error, invitations, jobs, service, suppressions};
         title = "invite-worker",
         description = "Bulk interview invitations: one email with a unique, single-use link per candidate, \
                        sent through a durable Postgres queue, with an exact tally. Every error is \
-                       application/problem+json with a stable `code` (see the ErrorCode schema)."
+                       application/problem+json with a stable `code` (see the ErrorCode schema). \
+                       Any /v1 route answers 429 `rate_limited` (with Retry-After) to an address past \
+                       its budget of failed authentications, and any request whose body is not \
+                       complete within the request timeout gets 408 `request_timeout`."
     ),
     paths(
         jobs::put_job, jobs::get_job,

@@ -4,15 +4,16 @@
 use axum::{
     Router,
     extract::{DefaultBodyLimit, MatchedPath, Request, State},
-    http::{Method, header},
+    http::{Method, StatusCode, header},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{delete, get, post, put},
 };
 use subtle::ConstantTimeEq;
 use tower::ServiceBuilder;
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    timeout::TimeoutLayer,
     trace::TraceLayer,
 };
 
@@ -20,7 +21,9 @@ use super::{
     batches,
     error::ApiError,
     extract::REQUEST_ID,
-    invitations, jobs, openapi, service,
+    invitations, jobs,
+    limits::{self, client_ip},
+    openapi, service,
     state::{AppState, Role},
     suppressions,
 };
@@ -47,7 +50,13 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/batches/{id}/cancel", post(batches::cancel))
             .route("/batches/{id}/items", get(batches::items))
             .route("/invitations", get(invitations::list))
-            .route("/invitations/redeem", post(invitations::redeem))
+            .route(
+                "/invitations/redeem",
+                post(invitations::redeem).route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    limits::limit_redeems,
+                )),
+            )
             .route("/invitations/{id}", get(invitations::get))
             .route("/invitations/{id}/complete", post(invitations::complete))
             .route("/invitations/{id}/revoke", post(invitations::revoke))
@@ -60,6 +69,7 @@ pub(crate) fn router(state: AppState) -> Router {
             .method_not_allowed_fallback(method_not_allowed);
         service.nest("/v1", v1)
     };
+    let request_timeout = state.settings.http.request_timeout();
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -67,9 +77,25 @@ pub(crate) fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(TraceLayer::new_for_http().make_span_with(request_span))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(middleware::map_response(timeout_problem))
+                // `http.request_timeout_secs`, body included: a slow body is cut here,
+                // and dropping the request's future drops what it had read.
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    request_timeout,
+                )),
         )
         .with_state(state)
+}
+
+/// The timeout layer answers a bare 408; every error is a problem.
+async fn timeout_problem(response: Response) -> Response {
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        tracing::warn!("request timed out");
+        return ApiError::RequestTimeout.into_response();
+    }
+    response
 }
 
 /// The span of one request: its method, its route (the pattern, not the path: ids in a
@@ -102,6 +128,8 @@ async fn require_bearer(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let client = client_ip(&request);
+    state.limits.refuse_if_blocked(client)?;
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -114,7 +142,7 @@ async fn require_bearer(
         ok |= key.expose().as_bytes().ct_eq(presented.as_bytes());
     }
     if presented.is_empty() || !bool::from(ok) {
-        return Err(ApiError::Unauthorized);
+        return Err(state.limits.auth_failed(client));
     }
     Ok(next.run(request).await)
 }
