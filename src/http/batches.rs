@@ -529,6 +529,9 @@ pub(crate) async fn retry(
             }
             let mut list = Vec::with_capacity(body.candidates.len());
             for (i, c) in body.candidates.into_iter().enumerate() {
+                if let Err(why) = ExternalId::parse(&c.id) {
+                    return Err(ApiError::Validation(format!("candidates[{i}].id: {why}")));
+                }
                 if let Some(email) = &c.email
                     && let Err(e) = CandidateEmail::parse(email)
                 {

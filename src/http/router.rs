@@ -31,16 +31,16 @@ use super::{
 /// Request bodies above this are refused with 413 before any other work.
 pub(crate) const BODY_LIMIT: usize = 1024 * 1024;
 
-/// The whole router. `work` processes get only the service routes.
+/// The whole router. `work` processes get only `/healthz`, `/readyz` and `/metrics`.
 pub(crate) fn router(state: AppState) -> Router {
     let service = Router::new()
         .route("/healthz", get(service::healthz))
         .route("/readyz", get(service::readyz))
-        .route("/metrics", get(service::metrics))
-        .route("/openapi.json", get(openapi::serve));
+        .route("/metrics", get(service::metrics));
     let app = if state.role == Role::Worker {
         service
     } else {
+        let service = service.route("/openapi.json", get(openapi::serve));
         let v1 = Router::new()
             .route("/jobs/{job_id}", put(jobs::put_job).get(jobs::get_job))
             .route("/batches", post(batches::create).get(batches::list))

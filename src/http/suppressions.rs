@@ -1,16 +1,12 @@
 //! `GET /v1/suppressions`, `DELETE /v1/suppressions/{email}`: the addresses not sent to
 //! because a mail server refused them as bad mailboxes.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::{
     error::{ApiError, ApiResult, Problem},
-    extract::{QueryParams, optional},
+    extract::{PathText, QueryParams, optional},
     state::AppState,
 };
 use crate::db::{self, suppressions::Suppression};
@@ -56,9 +52,13 @@ pub(crate) async fn list(
         (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn delete(
     State(state): State<AppState>,
-    Path(email): Path<String>,
+    PathText(email): PathText,
 ) -> ApiResult<StatusCode> {
-    if email.len() > 1024 || !db::suppressions::delete(&state.pool, &email).await? {
+    // PostgreSQL text cannot hold NUL, and no address holds a control character.
+    if email.len() > 1024
+        || email.chars().any(char::is_control)
+        || !db::suppressions::delete(&state.pool, &email).await?
+    {
         return Err(ApiError::NotFound(
             "that address is not on the suppression list".into(),
         ));

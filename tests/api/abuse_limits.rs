@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -308,4 +309,24 @@ async fn after_too_many_failed_keys_every_v1_request_from_that_address_is_429_an
         "the presented secret is never logged"
     );
     assert!(!log.contains(KEY), "nor a right key");
+}
+
+#[tokio::test]
+async fn a_work_process_serves_only_health_readiness_and_metrics() {
+    let app = prepare_app_with(|_| {}).await;
+    let mut work = Service::new("work", &app.settings).start("work");
+    work.wait_ready(Duration::from_secs(30)).await;
+    let get = |path: &str| app.client.get(format!("{}{path}", work.base())).send();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            get(path).await.expect("request").status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    for path in ["/openapi.json", "/v1/batches"] {
+        let r = get(path).await.expect("request");
+        let problem: Value = expect_problem(r, StatusCode::NOT_FOUND, "not_found").await;
+        assert_eq!(problem["status"], json!(404));
+    }
 }
