@@ -42,7 +42,7 @@ fn not_found(id: uuid::Uuid) -> ApiError {
     ApiError::NotFound(format!("no invitation with id {id}"))
 }
 
-#[utoipa::path(get, path = "/v1/invitations/{id}", tag = "invitations", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/invitations/{id}", operation_id = "get_invitation", tag = "invitations", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "The invitation", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(
@@ -55,7 +55,7 @@ pub(crate) async fn get(
         .ok_or_else(|| not_found(id))
 }
 
-#[utoipa::path(get, path = "/v1/invitations", tag = "invitations", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/invitations", operation_id = "list_invitations", tag = "invitations", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("candidate_id" = Option<String>, Query)),
     responses((status = 200, description = "Newest first", body = InvitationList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list(

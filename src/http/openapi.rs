@@ -123,4 +123,45 @@ mod tests {
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     }
+
+    /// Every `"$ref"` in `value`, with where it sits.
+    fn refs<'a>(value: &'a serde_json::Value, at: String, out: &mut Vec<(String, &'a str)>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (key, item) in fields {
+                    match (key.as_str(), item.as_str()) {
+                        ("$ref", Some(target)) => out.push((at.clone(), target)),
+                        _ => refs(item, format!("{at}/{key}"), out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    refs(item, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_reference_in_the_document_resolves() {
+        let doc = serde_json::to_value(document()).expect("serializes");
+        let mut found = Vec::new();
+        refs(&doc, String::new(), &mut found);
+        assert!(!found.is_empty(), "the document uses references");
+        let dangling: Vec<String> = found
+            .iter()
+            .filter(|(_, target)| {
+                target
+                    .strip_prefix('#')
+                    .is_none_or(|pointer| doc.pointer(pointer).is_none())
+            })
+            .map(|(at, target)| format!("{at} -> {target}"))
+            .collect();
+        assert!(
+            dangling.is_empty(),
+            "references that resolve to nothing: {dangling:#?}"
+        );
+    }
 }

@@ -25,7 +25,7 @@ pub(crate) struct ListQuery {
 }
 
 /// The suppressed addresses, newest first.
-#[utoipa::path(get, path = "/v1/suppressions", tag = "suppressions", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/suppressions", operation_id = "list_suppressions", tag = "suppressions", security(("bearer" = [])),
     params(("limit" = Option<i64>, Query, description = "1 to 1000, default 100")),
     responses((status = 200, description = "Newest first", body = SuppressionList),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
