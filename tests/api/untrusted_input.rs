@@ -223,6 +223,157 @@ fn arbitrary_bytes_headers_and_path_ids_never_get_a_5xx() {
     );
 }
 
+/// A string's bytes inside a JSON string literal: plain text, JSON escapes of control
+/// characters (`\u0000` …), raw control bytes (not valid JSON), raw bytes that are not
+/// UTF-8, or a mix.
+fn hostile_json_string() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        3 => "[A-Za-z0-9@._:-]{1,8}".prop_map(String::into_bytes),
+        3 => Just(b"\\u0000".to_vec()),
+        2 => (0u8..0x20).prop_map(|c| format!("\\u{c:04x}").into_bytes()),
+        1 => Just(b"\\u007f".to_vec()),
+        1 => Just(b"\\u0085".to_vec()),
+        1 => (0u8..0x20).prop_map(|c| vec![c]),
+        1 => (0x80u8..=0xff).prop_map(|c| vec![c]),
+        1 => Just(vec![0xed, 0xa0, 0x80]), // an encoded surrogate: not UTF-8
+        1 => Just(b"\\ud800".to_vec()),    // a lone surrogate escape
+    ];
+    prop::collection::vec(piece, 0..6).prop_map(|pieces| pieces.concat())
+}
+
+/// A path segment of any bytes, percent-encoded (`%00`, `%ff`, …) or left as it is
+/// where the URL allows.
+fn hostile_segment() -> impl Strategy<Value = String> {
+    let bytes = prop::collection::vec(any::<u8>(), 0..24);
+    (bytes, any::<bool>()).prop_map(|(bytes, all)| {
+        bytes
+            .iter()
+            .map(|b| {
+                if !all && b.is_ascii_alphanumeric() {
+                    char::from(*b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    })
+}
+
+/// Header value bytes an HTTP client can send: visible ASCII, tab, and obs-text
+/// (0x80–0xff, which is not UTF-8 on its own).
+fn hostile_header() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff], 0..40)
+}
+
+#[test]
+fn nul_and_non_utf8_bytes_in_paths_headers_and_json_strings_never_get_a_5xx() {
+    let (rt, app) = with_runtime();
+    // (method, path, body shape): 0 a batch, 1 a job, 2 a token, 3 a retry.
+    let routes = prop_oneof![
+        6 => Just((Method::POST, "/v1/batches", 0)),
+        3 => Just((Method::POST, "/v1/batches/preview", 0)),
+        2 => Just((Method::PUT, "/v1/jobs/{}", 1)),
+        1 => Just((Method::GET, "/v1/jobs/{}", 1)),
+        1 => Just((Method::GET, "/v1/batches/{}", 0)),
+        1 => Just((Method::GET, "/v1/batches/{}/items?status={}", 0)),
+        2 => Just((Method::POST, "/v1/batches/{}/retry", 3)),
+        1 => Just((Method::POST, "/v1/batches/{}/cancel", 0)),
+        1 => Just((Method::GET, "/v1/batches?job_id={}&limit={}", 0)),
+        1 => Just((Method::GET, "/v1/invitations?job_id={}&candidate_id={}", 0)),
+        2 => Just((Method::POST, "/v1/invitations/redeem", 2)),
+        1 => Just((Method::POST, "/v1/invitations/{}/revoke", 2)),
+        1 => Just((Method::DELETE, "/v1/suppressions/{}", 2)),
+        1 => Just((Method::GET, "/v1/suppressions?limit={}", 2)),
+        1 => Just((Method::GET, "/{}", 2)),
+        1 => Just((Method::GET, "/healthz/{}", 2)),
+    ];
+    // Bodies shaped like the real ones, with hostile bytes in their strings; each
+    // route sends the shape it takes.
+    // Each field is either a good value or hostile, so that one hostile field at a time
+    // gets past the others' checks.
+    let field = |good: &'static str| {
+        prop_oneof![
+            1 => Just(good.as_bytes().to_vec()),
+            1 => hostile_json_string(),
+        ]
+    };
+    let bodies = (field("c-1"), field("ada@example.com"), field("Ada")).prop_map(|(a, b, c)| {
+        let q = |v: &[u8]| [b"\"".as_slice(), v, b"\""].concat();
+        [
+            [
+                b"{\"job_id\":\"job-1\",\"duration_minutes\":30,\"candidates\":[{\"id\":"
+                    .as_slice(),
+                &q(&a),
+                b",\"email\":",
+                &q(&b),
+                b",\"name\":",
+                &q(&c),
+                b"}]}",
+            ]
+            .concat(),
+            [b"{\"title\":".as_slice(), &q(&c), b",\"status\":\"open\"}"].concat(),
+            [b"{\"token\":".as_slice(), &q(&a), b"}"].concat(),
+            [
+                b"{\"candidates\":[{\"id\":".as_slice(),
+                &q(&a),
+                b",\"email\":",
+                &q(&b),
+                b"}]}",
+            ]
+            .concat(),
+        ]
+    });
+    let auth = prop_oneof![
+        3 => Just(format!("Bearer {KEY}").into_bytes()),
+        1 => hostile_header(),
+    ];
+    let key = prop_oneof![3 => Just(None), 1 => hostile_header().prop_map(Some)];
+    let strategy = (
+        routes,
+        hostile_segment(),
+        hostile_segment(),
+        bodies,
+        auth,
+        hostile_header(),
+        key,
+    );
+    run_cases(
+        &app,
+        &rt,
+        600,
+        strategy,
+        |app, ((method, template, shape), one, two, bodies, auth, other, key)| {
+            Box::pin(async move {
+                let body = bodies[shape].clone();
+                let path = template.replacen("{}", &one, 1).replacen("{}", &two, 1);
+                let header = |bytes: &[u8]| {
+                    reqwest::header::HeaderValue::from_bytes(bytes)
+                        .map_err(|e| TestCaseError::fail(e.to_string()))
+                };
+                let mut request = app
+                    .client
+                    .request(method.clone(), app.url(&path))
+                    .header("authorization", header(&auth)?)
+                    .header("content-type", "application/json")
+                    .header("x-request-id", header(&other)?)
+                    .body(body.clone());
+                if let Some(key) = &key {
+                    request = request.header("idempotency-key", header(key)?);
+                }
+                let r = request
+                    .send()
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                assert_sane(
+                    r,
+                    &format!("{method} {path} {}", String::from_utf8_lossy(&body)),
+                )
+                .await
+            })
+        },
+    );
+}
+
 #[tokio::test]
 async fn oversized_and_deeply_nested_bodies_are_refused_and_write_nothing() {
     let app = spawn_app().await;
