@@ -14,14 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{
-    extract::{ConnectInfo, Request, State},
-    middleware::Next,
-    response::Response,
-};
+use axum::extract::{ConnectInfo, Request};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 
-use super::{error::ApiError, state::AppState};
+use super::error::ApiError;
 use crate::config::LimitsSettings;
 
 /// How often the limiters' maps are swept of entries that no longer limit anyone.
@@ -132,16 +128,6 @@ pub(crate) fn client_ip(request: &Request) -> IpAddr {
         },
         v4 => v4,
     }
-}
-
-/// `POST /v1/invitations/redeem`: at most `limits.redeems_per_minute` per client IP.
-pub(crate) async fn limit_redeems(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    state.limits.redeem(client_ip(&request))?;
-    Ok(next.run(request).await)
 }
 
 #[cfg(test)]

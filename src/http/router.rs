@@ -22,7 +22,7 @@ use super::{
     error::ApiError,
     extract::REQUEST_ID,
     invitations, jobs,
-    limits::{self, client_ip},
+    limits::client_ip,
     openapi, service,
     state::{AppState, Role},
     suppressions,
@@ -52,10 +52,8 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/invitations", get(invitations::list))
             .route(
                 "/invitations/redeem",
-                post(invitations::redeem).route_layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    limits::limit_redeems,
-                )),
+                post(invitations::redeem)
+                    .route_layer(middleware::from_fn_with_state(state.clone(), limit_redeems)),
             )
             .route("/invitations/{id}", get(invitations::get))
             .route("/invitations/{id}/complete", post(invitations::complete))
@@ -119,6 +117,16 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on this route"))
+}
+
+/// `POST /v1/invitations/redeem`: at most `limits.redeems_per_minute` per client IP.
+async fn limit_redeems(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    state.limits.redeem(client_ip(&request))?;
+    Ok(next.run(request).await)
 }
 
 /// `Authorization: Bearer <key>` with a key from `api.keys`. Every configured key is

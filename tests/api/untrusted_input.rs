@@ -406,6 +406,20 @@ async fn oversized_and_deeply_nested_bodies_are_refused_and_write_nothing() {
     assert_eq!(app.row_counts().await, before, "nothing was written");
 }
 
+/// Posts a one-candidate batch for job-1 to `path`: it must be 422 validation_failed
+/// with a detail that starts with `field`.
+async fn refused_naming(app: &TestApp, path: &str, person: Value, field: &str) {
+    let body = json!({"job_id": "job-1", "duration_minutes": 30, "candidates": [person]});
+    let r = app.post_json(path, &body).await;
+    let problem = expect_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with(field)),
+        "{path} names {field}: {problem}"
+    );
+}
+
 #[tokio::test]
 async fn line_breaks_in_names_and_addresses_are_refused_and_never_reach_a_header() {
     let app = spawn_app().await;
@@ -425,17 +439,7 @@ async fn line_breaks_in_names_and_addresses_are_refused_and_never_reach_a_header
             "candidates[0].name",
         ),
     ] {
-        let r = app
-            .post_batch(&json!({"job_id": "job-1", "duration_minutes": 30, "candidates": [person]}))
-            .await;
-        let problem =
-            expect_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
-        assert!(
-            problem["detail"]
-                .as_str()
-                .is_some_and(|d| d.starts_with(field)),
-            "names {field}: {problem}"
-        );
+        refused_naming(&app, "/v1/batches", person, field).await;
     }
     assert_eq!(app.row_counts().await, before, "nothing was written");
 
@@ -495,17 +499,8 @@ async fn a_nul_or_control_character_in_a_stored_string_is_422_on_preview_and_cre
             "candidates[0].name",
         ),
     ] {
-        let body = json!({"job_id": "job-1", "duration_minutes": 30, "candidates": [person]});
         for path in ["/v1/batches/preview", "/v1/batches"] {
-            let r = app.post_json(path, &body).await;
-            let problem =
-                expect_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
-            assert!(
-                problem["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with(field)),
-                "{path} names {field}: {problem}"
-            );
+            refused_naming(&app, path, person.clone(), field).await;
         }
     }
     // The token and a job's title too.
