@@ -475,7 +475,7 @@ pub(crate) struct ListQuery {
 }
 
 /// `GET /v1/batches?job_id=&status=&limit=`, newest first.
-#[utoipa::path(get, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/batches", operation_id = "list_batches", tag = "batches", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("status" = Option<BatchStatus>, Query),
         ("limit" = Option<i64>, Query, description = "1 to 500, default 50")),
     responses((status = 200, description = "Newest first", body = BatchList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
@@ -539,6 +539,9 @@ pub(crate) async fn retry(
             }
             let mut list = Vec::with_capacity(body.candidates.len());
             for (i, c) in body.candidates.into_iter().enumerate() {
+                if let Err(why) = ExternalId::parse(&c.id) {
+                    return Err(ApiError::Validation(format!("candidates[{i}].id: {why}")));
+                }
                 if let Some(email) = &c.email
                     && let Err(e) = CandidateEmail::parse(email)
                 {
@@ -617,7 +620,7 @@ pub(crate) async fn cancel(
     }
 }
 
-#[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/batches/{id}", operation_id = "get_batch", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "The batch", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(
