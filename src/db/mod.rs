@@ -6,6 +6,7 @@ pub mod batches;
 pub mod delivery;
 pub mod invitations;
 pub mod jobs;
+pub(crate) mod operators;
 pub(crate) mod suppressions;
 pub mod tasks;
 

@@ -62,6 +62,9 @@ const ROUTE_SCOPES: &[(Method, &str, Scope)] = &[
         Scope::Admin,
     ),
     (Method::GET, "/v1/audit", Scope::Admin),
+    (Method::GET, "/v1/queue", Scope::Admin),
+    (Method::GET, "/v1/queue/dead", Scope::Admin),
+    (Method::POST, "/v1/queue/dead/retry", Scope::Admin),
 ];
 
 /// The scope a request to the route `pattern` with `method` needs.

@@ -2,7 +2,7 @@
 //! problem+json everywhere.
 //!
 //! Files depend one way: `router` → the resources (`audit`, `batches`, `invitations`,
-//! `jobs`, `service`, `suppressions`, `openapi`) → `access`, `state`, `extract`,
+//! `jobs`, `queue`, `service`, `suppressions`, `openapi`) → `access`, `state`, `extract`,
 //! `error`.
 
 mod access;
@@ -13,6 +13,7 @@ pub mod extract;
 pub mod invitations;
 pub mod jobs;
 pub mod openapi;
+mod queue;
 mod router;
 pub mod service;
 mod state;

@@ -7,7 +7,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{audit, batches, error, invitations, jobs, service, suppressions};
+use super::{audit, batches, error, invitations, jobs, queue, service, suppressions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,11 +20,12 @@ use super::{audit, batches, error, invitations, jobs, service, suppressions};
     paths(
         jobs::put_job, jobs::get_job,
         batches::create, batches::preview, batches::list, batches::get, batches::items,
-        batches::retry, batches::cancel,
+        batches::retry, batches::cancel, batches::failures,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
         suppressions::list, suppressions::delete,
         audit::list,
+        queue::overview, queue::dead, queue::retry_dead,
         service::healthz, service::readyz, service::metrics, serve,
     ),
     components(schemas(error::Problem, error::ErrorCode)),
@@ -35,6 +36,7 @@ use super::{audit, batches, error, invitations, jobs, service, suppressions};
         (name = "invitations", description = "Single-use interview links"),
         (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
         (name = "audit", description = "Who changed what (admin)"),
+        (name = "queue", description = "Queue figures and dead tasks (admin)"),
         (name = "service", description = "Health, readiness, metrics, this document (no auth)"),
     )
 )]
@@ -79,6 +81,7 @@ mod tests {
         ("get", "/v1/batches/{id}/items"),
         ("post", "/v1/batches/{id}/retry"),
         ("post", "/v1/batches/{id}/cancel"),
+        ("get", "/v1/batches/{id}/failures"),
         ("get", "/v1/invitations"),
         ("get", "/v1/invitations/{id}"),
         ("post", "/v1/invitations/redeem"),
@@ -87,6 +90,9 @@ mod tests {
         ("get", "/v1/suppressions"),
         ("delete", "/v1/suppressions/{email}"),
         ("get", "/v1/audit"),
+        ("get", "/v1/queue"),
+        ("get", "/v1/queue/dead"),
+        ("post", "/v1/queue/dead/retry"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

@@ -21,7 +21,7 @@ use super::{
     audit, batches,
     error::ApiError,
     extract::REQUEST_ID,
-    invitations, jobs, openapi, service,
+    invitations, jobs, openapi, queue, service,
     state::{AppState, Role},
     suppressions,
 };
@@ -47,6 +47,7 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/batches/{id}/retry", post(batches::retry))
             .route("/batches/{id}/cancel", post(batches::cancel))
             .route("/batches/{id}/items", get(batches::items))
+            .route("/batches/{id}/failures", get(batches::failures))
             .route("/invitations", get(invitations::list))
             .route("/invitations/redeem", post(invitations::redeem))
             .route("/invitations/{id}", get(invitations::get))
@@ -55,6 +56,9 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/suppressions", get(suppressions::list))
             .route("/suppressions/{email}", delete(suppressions::delete))
             .route("/audit", get(audit::list))
+            .route("/queue", get(queue::overview))
+            .route("/queue/dead", get(queue::dead))
+            .route("/queue/dead/retry", post(queue::retry_dead))
             // Each route's scope (`access::ROUTE_SCOPES`), for the caller found below.
             .route_layer(middleware::from_fn(access::authorize))
             .fallback(not_found)
