@@ -17,5 +17,6 @@ pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod mail;
+pub mod ops;
 pub mod queue;
 pub mod telemetry;
