@@ -10,6 +10,8 @@ mod helpers;
 mod lifecycle;
 mod main_path;
 mod openapi;
+mod operations;
+mod operator_cli;
 mod plans;
 mod process;
 mod queue_maintenance;
