@@ -34,6 +34,19 @@ pub struct Settings {
     pub smtp: SmtpSettings,
     pub retry: RetrySettings,
     pub dkim: DkimSettings,
+    pub retention: RetentionSettings,
+}
+
+/// How long personal and request data is kept (see `queue::retention`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// An `Idempotency-Key` is remembered this long after its batch was created.
+    pub idempotency_hours: u32,
+    /// Items of batches finished this long ago lose their email and name; 0 keeps them.
+    pub finished_batches_days: u32,
+    /// Attempt history is kept this long.
+    pub attempts_days: u32,
 }
 
 /// DKIM signing: all three set signs every message; all three empty signs none.
@@ -138,6 +151,10 @@ pub struct WorkerSettings {
     pub shutdown_timeout_secs: u64,
     pub maintenance_interval_secs: u64,
     pub task_retention_secs: u64,
+    /// What the attempt history and the worker names call this process; empty: its
+    /// host and pid.
+    #[serde(deserialize_with = "string")]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -329,6 +346,13 @@ impl Settings {
         if self.worker.maintenance_interval_secs == 0 {
             return fail("worker.maintenance_interval_secs", "must be at least 1");
         }
+        if self.worker.name.chars().count() > 100 || self.worker.name.chars().any(char::is_control)
+        {
+            return fail(
+                "worker.name",
+                "must be at most 100 characters, without control characters",
+            );
+        }
         if self.batch.max_size == 0 {
             return fail("batch.max_size", "must be at least 1");
         }
@@ -376,6 +400,22 @@ impl Settings {
                 "dkim",
                 "set domain, selector and private_key_path together (or none of them)",
             );
+        }
+        let r = &self.retention;
+        if !(1..=87_600).contains(&r.idempotency_hours) {
+            return fail(
+                "retention.idempotency_hours",
+                "must be 1 to 87600 (ten years)",
+            );
+        }
+        if r.finished_batches_days > 36_500 {
+            return fail(
+                "retention.finished_batches_days",
+                "must be 0 (keep for ever) to 36500",
+            );
+        }
+        if !(1..=36_500).contains(&r.attempts_days) {
+            return fail("retention.attempts_days", "must be 1 to 36500");
         }
         if self.retry.max_attempts == 0 {
             return fail("retry.max_attempts", "must be at least 1");
@@ -931,6 +971,30 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 43);
         assert!(a.len() >= MIN_API_KEY_CHARS && a.len() >= MIN_TOKEN_SECRET_BYTES);
+    }
+
+    #[test]
+    fn retention_and_the_worker_name_are_bounded() {
+        let s = load(&[]).expect("loads");
+        assert_eq!(s.retention.idempotency_hours, 24);
+        assert_eq!(s.retention.finished_batches_days, 0);
+        assert_eq!(s.retention.attempts_days, 30);
+        assert_eq!(s.worker.name, "");
+        for (key, value) in [
+            ("INVITES_RETENTION__IDEMPOTENCY_HOURS", "0"),
+            ("INVITES_RETENTION__ATTEMPTS_DAYS", "0"),
+            ("INVITES_RETENTION__FINISHED_BATCHES_DAYS", "40000"),
+            ("INVITES_WORKER__NAME", "a\u{1}b"),
+        ] {
+            let e = load(&[(key, value)]).expect_err(key).to_string();
+            let named = key
+                .trim_start_matches("INVITES_")
+                .replace("__", ".")
+                .to_lowercase();
+            assert!(e.contains(&named), "{e}");
+        }
+        let s = load(&[("INVITES_WORKER__NAME", "worker-7")]).expect("loads");
+        assert_eq!(s.worker.name, "worker-7");
     }
 
     #[test]

@@ -479,7 +479,8 @@ pub(crate) async fn retry(
     let n = i32::try_from(chosen.len()).unwrap_or(i32::MAX);
     let row: BatchRow = sqlx::query_as(
         "UPDATE batches
-            SET failed = failed - $2, pending = pending + $2, status = 'running', completed_at = NULL
+            SET failed = failed - $2, pending = pending + $2, status = 'running', completed_at = NULL,
+                anonymized_at = NULL
           WHERE id = $1
          RETURNING *",
     )

@@ -1,12 +1,15 @@
 //! Every SQL statement of the service. Queries are checked at run time (no build-time
 //! database), and each function says which rows it locks and why.
 
+pub(crate) mod attempts;
 pub mod audit;
 pub mod batches;
+pub(crate) mod candidates;
 pub mod delivery;
 pub mod invitations;
 pub mod jobs;
 pub(crate) mod operators;
+pub mod retention;
 pub(crate) mod suppressions;
 pub mod tasks;
 

@@ -28,7 +28,7 @@ use crate::{
     domain::{
         access::{Actor, AuditAction},
         ids::new_task_id,
-        states::{ItemReason, ItemStatus},
+        states::{AttemptOutcome, ItemReason, ItemStatus},
     },
 };
 
@@ -215,6 +215,11 @@ pub(crate) struct OutcomeRecord<'a> {
     pub(crate) suppress: Option<&'a str>,
     /// The attempt phase 1 counted was not made (the send was deferred): give it back.
     pub(crate) give_back_attempt: bool,
+    /// What the attempt ended in, for its row in the attempt history; `None` when no
+    /// attempt was made (deferred).
+    pub(crate) attempt: Option<AttemptOutcome>,
+    /// The server's reply or the connection error, addresses already masked.
+    pub(crate) reply: Option<&'a str>,
 }
 
 /// The statement of [`record_outcomes`].
@@ -222,10 +227,11 @@ pub const RECORD_OUTCOMES: &str = include_str!("sql/record_outcomes.sql");
 
 /// Phase 3 in one statement (`sql/record_outcomes.sql`): moves each item still pending
 /// under its task, the invitations (sent: the expiry starts now; ended otherwise:
-/// revoked), each batch's tally and warnings, the suppression list, and marks `tasks`
+/// revoked), each batch's tally and warnings, the suppression list, one row per
+/// attempt in the attempt history (made by the process `worker`), and marks `tasks`
 /// (every task of the group) `Done`, so a task is finished exactly when its outcome is
-/// written. Returns the
-/// (item, task) pairs whose outcome applied; the others were stale.
+/// written. Returns the (item, task) pairs whose outcome applied; the others were
+/// stale (and have no history row).
 ///
 /// Row locks are `FOR NO KEY UPDATE`, items in id order before batches in id order
 /// (see `db::delivery` for why).
@@ -233,6 +239,7 @@ pub(crate) async fn record_outcomes(
     conn: &mut PgConnection,
     records: &[OutcomeRecord<'_>],
     tasks: &[&str],
+    worker: &str,
 ) -> sqlx::Result<Vec<(Uuid, String)>> {
     sqlx::query_as(RECORD_OUTCOMES)
         .bind(records.iter().map(|r| r.item).collect::<Vec<_>>())
@@ -266,6 +273,9 @@ pub(crate) async fn record_outcomes(
                 .map(|r| r.give_back_attempt)
                 .collect::<Vec<_>>(),
         )
+        .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.reply).collect::<Vec<_>>())
+        .bind(worker)
         .fetch_all(&mut *conn)
         .await
 }

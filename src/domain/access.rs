@@ -135,6 +135,8 @@ audit_actions! {
     TasksRetried = "tasks.retried",
     OperatorAdded = "operator.added",
     OperatorRemoved = "operator.removed",
+    /// `DELETE /v1/candidates/{id}` erased a candidate's email and name.
+    CandidateErased = "candidate.erased",
 }
 
 impl fmt::Display for AuditAction {

@@ -80,6 +80,41 @@ pub(crate) fn mask(address: &str) -> String {
     }
 }
 
+/// `text` with every address in it masked as [`mask`] does: for a mail server's reply,
+/// which may quote the recipient (`550 5.1.1 <ada@example.com>: unknown` becomes
+/// `550 5.1.1 <a***@example.com>: unknown`). An address is any run of characters
+/// holding an `@` between whitespace, angle brackets, quotes, parentheses, brackets,
+/// commas, semicolons or colons, so nothing around an `@` survives unmasked.
+pub(crate) fn mask_addresses(text: &str) -> String {
+    let is_delimiter = |c: char| {
+        c.is_whitespace()
+            || matches!(
+                c,
+                '<' | '>' | '"' | '\'' | '(' | ')' | '[' | ']' | ',' | ';' | ':'
+            )
+    };
+    fn flush(word: &mut String, out: &mut String) {
+        if word.contains('@') {
+            out.push_str(&mask(word));
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    for c in text.chars() {
+        if is_delimiter(c) {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +151,26 @@ mod tests {
     fn masking_keeps_the_first_letter_and_the_domain() {
         assert_eq!(mask("ada@example.com"), "a***@example.com");
         assert_eq!(mask("nonsense"), "***");
+    }
+
+    #[test]
+    fn addresses_inside_a_reply_are_masked_and_the_rest_kept() {
+        for (reply, masked) in [
+            (
+                "550 5.1.1 <someone@example.com>: Recipient address rejected",
+                "550 5.1.1 <s***@example.com>: Recipient address rejected",
+            ),
+            (
+                "550 5.1.1 someone@example.com unknown; also other@example.org",
+                "550 5.1.1 s***@example.com unknown; also o***@example.org",
+            ),
+            ("451 4.3.0 try later", "451 4.3.0 try later"),
+            (
+                "550 <@relay:bob@example.com>",
+                "550 <***@relay:b***@example.com>",
+            ),
+        ] {
+            assert_eq!(mask_addresses(reply), masked, "{reply}");
+        }
     }
 }

@@ -136,6 +136,35 @@ impl ItemReason {
 }
 
 string_enum! {
+    /// What one attempt of an item ended in (its row in the attempt history). A
+    /// `transient` attempt is tried again, unless it was the last one allowed (the
+    /// item then fails as `retries_exhausted`).
+    AttemptOutcome {
+        Sent = "sent",
+        Transient = "transient",
+        Rejected = "rejected",
+        InvalidEmail = "invalid_email",
+        Skipped = "skipped",
+        Suppressed = "suppressed",
+    }
+}
+
+impl AttemptOutcome {
+    /// The outcome of the attempt that ended an item with `reason`.
+    pub(crate) fn ending(reason: ItemReason) -> Self {
+        match reason {
+            ItemReason::InvalidEmail => Self::InvalidEmail,
+            ItemReason::Rejected => Self::Rejected,
+            ItemReason::RetriesExhausted => Self::Transient,
+            ItemReason::Suppressed => Self::Suppressed,
+            ItemReason::AlreadyInvited | ItemReason::JobClosed | ItemReason::Cancelled => {
+                Self::Skipped
+            }
+        }
+    }
+}
+
+string_enum! {
     /// `PENDING` (link not used yet) → `IN_PROGRESS` (redeemed) → `COMPLETED`;
     /// `PENDING` → `REVOKED`; a `PENDING` link past its expiry reads as `EXPIRED`.
     InvitationStatus {

@@ -1,13 +1,15 @@
 //! The HTTP API (axum): routes, bearer auth, body limit, request ids and spans,
 //! problem+json everywhere.
 //!
-//! Files depend one way: `router` → the resources (`audit`, `batches`, `invitations`,
-//! `jobs`, `queue`, `service`, `suppressions`, `openapi`) → `access`, `state`, `extract`,
-//! `error`.
+//! Files depend one way: `router` → the resources (`attempts`, `audit`, `batches`,
+//! `candidates`, `invitations`, `jobs`, `queue`, `service`, `suppressions`, `openapi`) →
+//! `access`, `state`, `extract`, `error`.
 
 mod access;
+mod attempts;
 mod audit;
 pub mod batches;
+mod candidates;
 pub mod error;
 pub mod extract;
 pub mod invitations;

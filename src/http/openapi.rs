@@ -7,7 +7,9 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{audit, batches, error, invitations, jobs, queue, service, suppressions};
+use super::{
+    attempts, audit, batches, candidates, error, invitations, jobs, queue, service, suppressions,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,7 +22,8 @@ use super::{audit, batches, error, invitations, jobs, queue, service, suppressio
     paths(
         jobs::put_job, jobs::get_job,
         batches::create, batches::preview, batches::list, batches::get, batches::items,
-        batches::retry, batches::cancel, batches::failures,
+        batches::retry, batches::cancel, batches::failures, attempts::list,
+        candidates::erase,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
         suppressions::list, suppressions::delete,
@@ -34,6 +37,7 @@ use super::{audit, batches, error, invitations, jobs, queue, service, suppressio
         (name = "jobs", description = "Job openings"),
         (name = "batches", description = "Bulk invite requests and their items"),
         (name = "invitations", description = "Single-use interview links"),
+        (name = "candidates", description = "Erasure of a candidate's personal data"),
         (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
         (name = "audit", description = "Who changed what (admin)"),
         (name = "queue", description = "Queue figures and dead tasks (admin)"),
@@ -81,6 +85,8 @@ mod tests {
         ("get", "/v1/batches/{id}/items"),
         ("post", "/v1/batches/{id}/retry"),
         ("post", "/v1/batches/{id}/cancel"),
+        ("get", "/v1/batches/{id}/items/{candidate_id}/attempts"),
+        ("delete", "/v1/candidates/{candidate_id}"),
         ("get", "/v1/batches/{id}/failures"),
         ("get", "/v1/invitations"),
         ("get", "/v1/invitations/{id}"),
@@ -128,5 +134,11 @@ mod tests {
             );
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        for schema in ["AttemptList", "Attempt", "AttemptOutcome", "Erased"] {
+            assert!(
+                doc["components"]["schemas"][schema].is_object(),
+                "{schema} is a component: the routes' $refs resolve"
+            );
+        }
     }
 }

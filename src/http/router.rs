@@ -18,7 +18,7 @@ use tower_http::{
 
 use super::{
     access::{self, Caller},
-    audit, batches,
+    attempts, audit, batches, candidates,
     error::ApiError,
     extract::REQUEST_ID,
     invitations, jobs, openapi, queue, service,
@@ -48,6 +48,11 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/batches/{id}/cancel", post(batches::cancel))
             .route("/batches/{id}/items", get(batches::items))
             .route("/batches/{id}/failures", get(batches::failures))
+            .route(
+                "/batches/{id}/items/{candidate_id}/attempts",
+                get(attempts::list),
+            )
+            .route("/candidates/{candidate_id}", delete(candidates::erase))
             .route("/invitations", get(invitations::list))
             .route("/invitations/redeem", post(invitations::redeem))
             .route("/invitations/{id}", get(invitations::get))

@@ -18,8 +18,13 @@ use lettre::{
     message::{Mailbox, dkim::DkimConfig},
 };
 
+use lettre::transport::smtp::response::Response;
+
 use self::smtp::{SmtpClient, SmtpError};
-use crate::config::{MailTransport, Settings};
+use crate::{
+    config::{MailTransport, Settings},
+    domain::email::mask_addresses,
+};
 
 /// Why a send did not go through, split the way the retry policy needs it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +107,17 @@ impl Mailer {
     /// half-finished connection in the pool for the next send to trip over; an exchange
     /// that outlasts `smtp.timeout_secs` is dropped with its connection.
     pub async fn send(&self, key: &str, message: &Message) -> Result<(), SendError> {
+        self.send_for_reply(key, message).await.map(|_reply| ())
+    }
+
+    /// As [`Mailer::send`], answering the server's reply to the message
+    /// (`250 2.0.0 Ok: queued as …`; none for the file transport), for the attempt
+    /// history.
+    pub(crate) async fn send_for_reply(
+        &self,
+        key: &str,
+        message: &Message,
+    ) -> Result<Option<String>, SendError> {
         self.limiter.until_ready().await;
         let signed;
         let message = match &self.dkim {
@@ -114,13 +130,13 @@ impl Mailer {
             None => message,
         };
         match &self.transport {
-            Transport::File { dir } => write_eml(dir, key, message).await,
+            Transport::File { dir } => write_eml(dir, key, message).await.map(|()| None),
             Transport::Smtp(client) => {
                 let (client, timeout) = (Arc::clone(client), self.timeout);
                 let (envelope, bytes) = (message.envelope().clone(), message.formatted());
                 let exchange = async move {
                     match tokio::time::timeout(timeout, client.send(&envelope, &bytes)).await {
-                        Ok(Ok(_reply)) => Ok(()),
+                        Ok(Ok(reply)) => Ok(Some(reply_line(&reply))),
                         Ok(Err(e)) => Err(classify(&e)),
                         Err(_elapsed) => Err(SendError::Transient(format!(
                             "timeout: no reply within {} s",
@@ -133,6 +149,14 @@ impl Mailer {
                     .unwrap_or_else(|e| Err(SendError::Transient(format!("send task failed: {e}"))))
             }
         }
+    }
+}
+
+/// The first line of a reply as the server wrote it: `250 2.0.0 Ok: queued as X`.
+fn reply_line(reply: &Response) -> String {
+    match reply.first_line() {
+        Some(line) => format!("{} {}", reply.code(), line.trim()),
+        None => reply.code().to_string(),
     }
 }
 
@@ -167,7 +191,8 @@ fn classify(e: &SmtpError) -> SendError {
         || enhanced.starts_with("5.5.")
         || matches!(enhanced, "5.1.7" | "5.1.8");
     if ours {
-        tracing::error!(reply = %detail, "the mail server refused us, not the recipient: check [smtp] and mail.from");
+        tracing::error!(reply = %mask_addresses(&detail),
+            "the mail server refused us, not the recipient: check [smtp] and mail.from");
         SendError::Transient(detail)
     } else {
         SendError::Permanent(detail)
@@ -188,9 +213,29 @@ async fn write_eml(dir: &Path, key: &str, message: &Message) -> Result<(), SendE
     let path = dir.join(format!("{safe}.eml"));
     let tmp = dir.join(format!(".{safe}.eml.tmp"));
     let io = |e: std::io::Error| SendError::Transient(format!("outbox: {e}"));
-    tokio::fs::write(&tmp, message.formatted())
+    write_private(&tmp, &message.formatted())
         .await
         .map_err(io)?;
     tokio::fs::rename(&tmp, &path).await.map_err(io)?;
     Ok(())
+}
+
+/// Writes `bytes` to `path`, readable and writable by the owner only (0600): a message
+/// holds a live link and the candidate's address. The mode is set on the open file as
+/// well, for a file left behind with other permissions (its creation mode would not
+/// apply to it).
+async fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    #[cfg(unix)]
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).await?;
+    #[cfg(unix)]
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .await?;
+    file.write_all(bytes).await?;
+    file.flush().await
 }

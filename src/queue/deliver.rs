@@ -89,6 +89,7 @@ impl Deliverer {
             pool: pool.clone(),
             retry: settings.retry.clone(),
             suppress_rejected: settings.mail.suppress_rejected,
+            worker: super::process::process_name(&settings),
         };
         Self {
             pool,
@@ -263,8 +264,13 @@ impl Deliverer {
         }
     }
 
-    /// Phase 2: build the message from stored state and hand it to the mailer.
-    async fn send(&self, item: &PreparedItem, invitation_id: Uuid) -> Result<(), SendError> {
+    /// Phase 2: build the message from stored state and hand it to the mailer; answers
+    /// the server's reply when it accepted the message.
+    async fn send(
+        &self,
+        item: &PreparedItem,
+        invitation_id: Uuid,
+    ) -> Result<Option<String>, SendError> {
         let address: lettre::Address = item
             .email
             .trim()
@@ -285,7 +291,7 @@ impl Deliverer {
         let message = email
             .build(self.mailer.from())
             .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
-        self.mailer.send(&message_id, &message).await
+        self.mailer.send_for_reply(&message_id, &message).await
     }
 
     fn secret(&self) -> &[u8] {

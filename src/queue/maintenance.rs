@@ -14,16 +14,28 @@
 //!   query slows down with every finished row a worker ever locked. Batches, items and
 //!   invitations are kept.
 //!
-//! All are safe to run from many processes at once; the statements are in `db::tasks`.
+//! - **Retention** (`[retention]`): forgets old idempotency keys, deletes old attempt
+//!   history and anonymizes long-finished batches (`db::retention`). A pass takes a
+//!   PostgreSQL advisory lock without waiting, so one process at a time runs it and the
+//!   others skip their turn: a lock rather than an apalis cron task, because this loop
+//!   already runs in every worker process on a timer, a lock needs no schedule table,
+//!   task type or leader of its own, and a process that dies mid-pass releases it with
+//!   its connection.
+//!
+//! All are safe to run from many processes at once; the statements are in `db::tasks`
+//! and `db::retention`.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Settings, db::tasks};
+use crate::{
+    config::Settings,
+    db::{retention, tasks},
+};
 
-/// Runs the three every `worker.maintenance_interval_secs` until shutdown.
+/// Runs the four every `worker.maintenance_interval_secs` until shutdown.
 pub(crate) async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
     let every = Duration::from_secs(settings.worker.maintenance_interval_secs);
     let retention = Duration::from_secs(settings.worker.task_retention_secs);
@@ -53,6 +65,17 @@ pub(crate) async fn run(pool: PgPool, settings: &Settings, shutdown: Cancellatio
             Ok(0) => {}
             Ok(n) => tracing::debug!(tasks = n, "deleted finished queue tasks"),
             Err(e) => tracing::warn!(error = %e, "deleting finished tasks failed; will try again"),
+        }
+        match retention::run_pass(&pool, &settings.retention).await {
+            Ok(Some(pass)) if !pass.is_empty() => tracing::info!(
+                forgotten_idempotency_keys = pass.forgotten_idempotency_keys,
+                deleted_attempts = pass.deleted_attempts,
+                anonymized_batches = pass.anonymized_batches,
+                anonymized_items = pass.anonymized_items,
+                "retention pass"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention pass failed; will try again"),
         }
     }
 }

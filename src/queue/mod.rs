@@ -12,6 +12,7 @@ pub mod deliver;
 pub mod group;
 pub mod maintenance;
 pub mod prepare;
+mod process;
 pub mod recorder;
 mod throttle;
 pub mod worker;

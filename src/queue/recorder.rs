@@ -28,9 +28,9 @@ use crate::{
         tasks::{self, NewTask, OutcomeRecord},
     },
     domain::{
-        email::mask,
+        email::{mask, mask_addresses},
         ids::new_task_id,
-        states::{ItemReason, ItemStatus, WarningCode},
+        states::{AttemptOutcome, ItemReason, ItemStatus, WarningCode},
         warning::Warning,
     },
     mail::SendError,
@@ -69,8 +69,9 @@ pub(crate) struct Outcome {
 /// What happened to the item.
 #[derive(Debug)]
 pub(crate) enum Attempted {
-    /// The message was handed to the mail server: accepted, or refused with a reply.
-    Sent(Result<(), SendError>),
+    /// The message was handed to the mail server: accepted (with the server's reply;
+    /// none for the file transport), or refused with a reply.
+    Sent(Result<Option<String>, SendError>),
     /// Phase 1 ended the item without a send (`job_closed`, `invalid_email`,
     /// `already_invited`), with the detail to keep as its last error.
     NotSent {
@@ -88,6 +89,8 @@ pub(crate) struct Recorder {
     pub(crate) retry: RetrySettings,
     /// `mail.suppress_rejected`: a bad-mailbox refusal puts the address on the list.
     pub(crate) suppress_rejected: bool,
+    /// This process, as the attempt history names it (`worker.name`, or host:pid).
+    pub(crate) worker: String,
 }
 
 impl GroupWrite for Recorder {
@@ -155,10 +158,10 @@ impl GroupWrite for Recorder {
             .collect();
 
         let applied: HashSet<(Uuid, String)> = if retries.is_empty() {
-            tasks::record_outcomes(conn, &records, &tasks).await?
+            tasks::record_outcomes(conn, &records, &tasks, &self.worker).await?
         } else {
             let mut tx = conn.begin().await?;
-            let applied = tasks::record_outcomes(&mut tx, &records, &tasks).await?;
+            let applied = tasks::record_outcomes(&mut tx, &records, &tasks, &self.worker).await?;
             let due: Vec<NewTask<'_>> = retries
                 .into_iter()
                 .filter(|(task, new)| {
@@ -196,7 +199,7 @@ impl GroupWrite for Recorder {
 /// Which of a task's outcomes wins when it ran twice: lower is better.
 fn rank(result: &Attempted) -> u8 {
     match result {
-        Attempted::Sent(Ok(())) => 0,
+        Attempted::Sent(Ok(_)) => 0,
         Attempted::Sent(Err(SendError::Permanent(_))) | Attempted::NotSent { .. } => 1,
         Attempted::Sent(Err(SendError::Transient(_))) | Attempted::Deferred { .. } => 2,
     }
@@ -214,6 +217,10 @@ struct Decision {
     suppress: bool,
     /// The attempt phase 1 counted was not made (deferred): give it back.
     give_back_attempt: bool,
+    /// The attempt's row in the history: its outcome (none if no attempt was made) and
+    /// the server's reply, addresses masked.
+    attempt: Option<AttemptOutcome>,
+    reply: Option<String>,
     delivery: Delivery,
 }
 
@@ -232,6 +239,8 @@ impl Decision {
             warning: self.warning.clone(),
             suppress: self.suppress.then_some(outcome.item.email.as_str()),
             give_back_attempt: self.give_back_attempt,
+            attempt: self.attempt,
+            reply: self.reply.as_deref(),
         }
     }
 }
@@ -249,8 +258,12 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
         warning: None,
         suppress: false,
         give_back_attempt: false,
+        attempt: Some(AttemptOutcome::ending(reason)),
+        reply: None,
         delivery: Delivery::Ended(reason),
     };
+    // What the history keeps of a reply: the server's words, no one's address.
+    let reply = |text: &str| Some(mask_addresses(text));
     match &outcome.result {
         Attempted::NotSent { reason, detail } => {
             let mut decision = end(*reason, detail.as_deref());
@@ -259,7 +272,7 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
             }
             decision
         }
-        Attempted::Sent(Ok(())) => Decision {
+        Attempted::Sent(Ok(accepted)) => Decision {
             status: ItemStatus::Sent,
             reason: None,
             last_error: None,
@@ -267,11 +280,14 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
             warning: None,
             suppress: false,
             give_back_attempt: false,
+            attempt: Some(AttemptOutcome::Sent),
+            reply: accepted.as_deref().and_then(reply),
             delivery: Delivery::Sent,
         },
         Attempted::Sent(Err(SendError::Permanent(detail))) => {
             let mut decision = end(ItemReason::Rejected, Some(detail));
             decision.suppress = suppress_rejected && is_bad_mailbox(detail);
+            decision.reply = reply(detail);
             decision
         }
         Attempted::Deferred { after } => {
@@ -285,6 +301,8 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
                 warning: None,
                 suppress: false,
                 give_back_attempt: true,
+                attempt: None,
+                reply: None,
                 delivery: Delivery::RetryScheduled {
                     attempt: outcome.attempt - 1,
                     delay: *after,
@@ -294,7 +312,9 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
         Attempted::Sent(Err(SendError::Transient(detail))) => {
             let max = i32::try_from(retry.max_attempts).unwrap_or(i32::MAX);
             if outcome.attempt >= max {
-                return end(ItemReason::RetriesExhausted, Some(detail));
+                let mut decision = end(ItemReason::RetriesExhausted, Some(detail));
+                decision.reply = reply(detail);
+                return decision;
             }
             // A throttling reply paused the domain for its hint or the backoff; the
             // next attempt waits at least as long.
@@ -313,6 +333,8 @@ fn decide(outcome: &Outcome, retry: &RetrySettings, suppress_rejected: bool) -> 
                 warning: None,
                 suppress: false,
                 give_back_attempt: false,
+                attempt: Some(AttemptOutcome::Transient),
+                reply: reply(detail),
                 delivery: Delivery::RetryScheduled {
                     attempt: outcome.attempt,
                     delay,
@@ -367,18 +389,20 @@ fn log(outcome: &Outcome, result: &Delivery) {
             tracing::warn!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 attempt = outcome.attempt,
                 delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                error = %e.detail(), "send failed; retry scheduled");
+                error = %mask_addresses(e.detail()), "send failed; retry scheduled");
         }
         (Delivery::Ended(reason), Attempted::Sent(Err(e))) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
             tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
-                status = %reason.status(), reason = %reason, detail = %e.detail(), "item failed");
+                status = %reason.status(), reason = %reason, detail = %mask_addresses(e.detail()),
+                "item failed");
         }
         (Delivery::Ended(reason), Attempted::NotSent { detail, .. }) => {
             metrics::counter!("invites_ended_total", "reason" => reason.as_str()).increment(1);
             tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id, %to,
                 status = %reason.status(), reason = %reason,
-                detail = detail.as_deref().unwrap_or(""), "item ended without a send");
+                detail = %mask_addresses(detail.as_deref().unwrap_or("")),
+                "item ended without a send");
         }
         (Delivery::NothingToDo, _) => {
             tracing::info!(item = %item.id, batch = %item.batch_id, request_id = %request_id,

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Settings,
     db::tasks::{QUEUE, SendInvite, TaskEnd},
-    queue::deliver::Deliverer,
+    queue::{deliver::Deliverer, process},
 };
 
 /// Hands task payloads to the handler as the stored bytes. apalis decodes payloads
@@ -95,9 +95,13 @@ pub fn fetch_size(concurrency: usize) -> usize {
     concurrency.saturating_mul(2)
 }
 
-/// A name no other live worker has: host, pid, start time and generation.
-fn worker_name(generation: u32) -> String {
-    let host = hostname();
+/// A name no other live worker has: `worker.name` (or the host), pid, start time and
+/// generation.
+fn worker_name(settings: &Settings, generation: u32) -> String {
+    let host = match settings.worker.name.as_str() {
+        "" => process::hostname(),
+        name => name.to_owned(),
+    };
     let pid = std::process::id();
     static STARTED: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let started = STARTED.get_or_init(|| {
@@ -107,14 +111,6 @@ fn worker_name(generation: u32) -> String {
             .unwrap_or_default()
     });
     format!("invite-worker@{host}:{pid}:{started}:{generation}")
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Runs the queue workers until `shutdown` is cancelled; then lets in-flight tasks
@@ -197,7 +193,7 @@ async fn run_with_restarts(
                     ))
                     .interval(poll),
             );
-        let name = worker_name(generation);
+        let name = worker_name(settings, generation);
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
             .concurrency(w.concurrency)

@@ -2,8 +2,10 @@
 //! server over TCP, the real binary where a process must die.
 
 mod access;
+mod attempts;
 mod delivery;
 mod dkim;
+mod erasure;
 mod faults;
 mod harness;
 mod helpers;
@@ -13,10 +15,12 @@ mod openapi;
 mod operations;
 mod operator_cli;
 mod plans;
+mod privacy;
 mod process;
 mod queue_maintenance;
 mod rejections;
 mod restart;
+mod retention;
 mod secure_defaults;
 mod smtp_tls;
 mod suppression;

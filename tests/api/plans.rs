@@ -66,7 +66,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
     let statements = [(
         "record",
         "uuid[], text[], text[], text[], text[], text[], timestamptz[], text[], text[], text[], \
-         bool[]",
+         bool[], text[], text[], text",
         RECORD_OUTCOMES,
     )];
     for (name, types, sql) in statements {

@@ -21,14 +21,20 @@ use serde_json::Value;
 use crate::helpers::test_settings;
 
 /// aiosmtpd as a child process; killed when dropped.
-struct Aiosmtpd {
+pub(crate) struct Aiosmtpd {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     record: PathBuf,
 }
 
 impl Aiosmtpd {
     fn start(dir: &Path, tls: &str, auth: Option<&str>) -> Self {
+        Self::start_with(dir, tls, auth, &[])
+    }
+
+    /// As `start`, with more options of `tests/support/aiosmtpd_server.py`
+    /// (`--reject ADDRESS`, `--record-content`).
+    pub(crate) fn start_with(dir: &Path, tls: &str, auth: Option<&str>, more: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -57,6 +63,7 @@ impl Aiosmtpd {
         if let Some(auth) = auth {
             command.args(["--auth", auth]);
         }
+        command.args(more);
         let mut child = command
             .spawn()
             .expect("python3 runs tests/support/aiosmtpd_server.py (pip install aiosmtpd)");
@@ -73,7 +80,7 @@ impl Aiosmtpd {
         }
     }
 
-    fn received(&self) -> Vec<Value> {
+    pub(crate) fn received(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.record)
             .unwrap_or_default()
             .lines()
@@ -91,7 +98,7 @@ impl Drop for Aiosmtpd {
 
 /// A CA, and a certificate for `localhost` signed by it, written to `dir` (ca.pem,
 /// server.pem, server.key).
-fn certificates(dir: &Path) {
+pub(crate) fn certificates(dir: &Path) {
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("a key")).expect("CA");

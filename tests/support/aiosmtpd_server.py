@@ -2,12 +2,16 @@
 configured only through its own options (no socket tuning of ours).
 
     python3 aiosmtpd_server.py --port N [--tls none|starttls|tls --cert C --key K]
-                               [--auth USER:PASSWORD] [--record FILE]
+                               [--auth USER:PASSWORD] [--record FILE [--record-content]]
+                               [--reject ADDRESS ...]
 
 Prints "ready" on stdout once it listens, then "accepted N" (messages accepted so far)
 every 100 ms while the count changes. With --record, also appends one JSON line per
-accepted message: {"mail_from", "rcpt_tos", "tls", "auth", "size"}. It stops when its
-standard input closes.
+accepted message: {"mail_from", "rcpt_tos", "tls", "auth", "size"}, and "content" (the
+message as text) with --record-content. Each --reject ADDRESS is refused at RCPT TO the
+way Postfix words it, quoting the address: "550 5.1.1 <ADDRESS>: Recipient address
+rejected: User unknown in local recipient table". It stops when its standard input
+closes.
 """
 
 import argparse
@@ -21,8 +25,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
-    def __init__(self, record):
+    def __init__(self, record, content):
         self.record = record
+        self.content = content
         self.accepted = 0
 
     async def handle_DATA(self, server, session, envelope):
@@ -36,8 +41,29 @@ class Handler:
                 "auth": session.authenticated,
                 "size": len(envelope.content or b""),
             }
+            if self.content:
+                line["content"] = (envelope.content or b"").decode("utf-8", "replace")
             with open(self.record, "a", encoding="utf-8") as out:
                 out.write(json.dumps(line) + "\n")
+        return "250 OK"
+
+
+class Rejecting(Handler):
+    """A Handler that refuses some recipients (only used with --reject, so the plain
+    server keeps aiosmtpd's own RCPT handling)."""
+
+    def __init__(self, record, content, reject):
+        super().__init__(record, content)
+        self.reject = {address.lower() for address in reject}
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower() in self.reject:
+            return (
+                f"550 5.1.1 <{address}>: Recipient address rejected: "
+                "User unknown in local recipient table"
+            )
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
 
@@ -49,6 +75,8 @@ def main():
     parser.add_argument("--key")
     parser.add_argument("--auth")
     parser.add_argument("--record")
+    parser.add_argument("--record-content", action="store_true")
+    parser.add_argument("--reject", action="append", default=[])
     args = parser.parse_args()
 
     context = None
@@ -76,8 +104,12 @@ def main():
     elif args.tls == "tls":
         kwargs["ssl_context"] = context
 
+    if args.reject:
+        handler = Rejecting(args.record, args.record_content, args.reject)
+    else:
+        handler = Handler(args.record, args.record_content)
     controller = Controller(
-        Handler(args.record), hostname="127.0.0.1", port=args.port, **kwargs
+        handler, hostname="127.0.0.1", port=args.port, **kwargs
     )
     handler = controller.handler
     controller.start()

@@ -1,20 +1,22 @@
 -- Phase 3 for a group of outcomes (see db::tasks::record_outcomes): each item still
 -- pending under its task moves (locked in id order), its invitation too (sent: the
 -- expiry starts now; ended otherwise: revoked), each batch's tally and warnings (batch
--- rows locked in id order, after every item), and every task of the group ($9) is
--- marked Done. Every table is reached through an index condition on keys given or
--- computed first.
+-- rows locked in id order, after every item), each attempt's row in the history, and
+-- every task of the group ($9) is marked Done. Every table is reached through an index
+-- condition on keys given or computed first.
 --
--- $1..$8, $10, $11 per outcome: item id, task id, status, reason, last error, retry's
+-- $1..$8, $10..$13 per outcome: item id, task id, status, reason, last error, retry's
 -- new task id, retry's run_at, warning (JSON), address to suppress, attempt to give
--- back (a deferred send); $9 the group's tasks.
+-- back (a deferred send), the attempt's outcome (null: no attempt was made), its reply
+-- (addresses masked); $9 the group's tasks; $14 this process' name.
 WITH t AS (
    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                        $6::text[], $7::timestamptz[], $8::text[], $10::text[], $11::bool[])
+                        $6::text[], $7::timestamptz[], $8::text[], $10::text[], $11::bool[],
+                        $12::text[], $13::text[])
        AS t(id, task_id, status, reason, last_error, new_task_id, run_at, warning, suppress,
-            give_back)),
+            give_back, attempt, reply)),
 locked AS MATERIALIZED (
-   SELECT id, status, task_id FROM batch_items
+   SELECT id, status, task_id, sending_at FROM batch_items
     WHERE id = ANY($1)
     ORDER BY id
       FOR NO KEY UPDATE),
@@ -25,12 +27,21 @@ applied AS (
           task_id = coalesce(t.new_task_id, i.task_id), next_attempt_at = t.run_at,
           sending_at = NULL, updated_at = now(),
           attempts = i.attempts - CASE WHEN t.give_back THEN 1 ELSE 0 END,
+          attempts_made = i.attempts_made + CASE WHEN t.attempt IS NULL THEN 0 ELSE 1 END,
           sent_at = CASE WHEN t.status = 'sent' THEN now() ELSE i.sent_at END
      FROM t
      JOIN locked l ON l.id = t.id
     WHERE i.id = ANY($1) AND i.id = t.id
       AND l.status = 'pending' AND l.task_id = t.task_id
-   RETURNING i.id, t.task_id, i.batch_id, i.invitation_id, t.status, t.warning),
+   RETURNING i.id, t.task_id, i.batch_id, i.invitation_id, t.status, t.warning,
+             t.attempt, t.reply, i.attempts_made, l.sending_at),
+history AS (
+   INSERT INTO attempts (item_id, number, started_at, finished_at, outcome, smtp_reply,
+                         worker)
+   SELECT a.id, a.attempts_made, least(coalesce(a.sending_at, now()), now()), now(),
+          a.attempt, a.reply, $14
+     FROM applied a
+    WHERE a.attempt IS NOT NULL),
 sent_invitations AS (
    UPDATE invitations v
       SET sent_at = now(), expires_at = now() + (v.expires_at - v.created_at)

@@ -7,6 +7,8 @@ UPDATE batch_items i
        invitation_id = NULL, sending_at = NULL, next_attempt_at = NULL,
        task_id = t.task_id, email = coalesce(t.email, i.email),
        email_error = CASE WHEN t.email IS NULL THEN i.email_error END,
+       -- an erased item stays erased (and fails again) unless a new address is given
+       erased_at = CASE WHEN t.email IS NULL THEN i.erased_at END,
        retry_requested = true,
        updated_at = now()
   FROM unnest($1::uuid[], $2::text[], $3::text[]) AS t(id, task_id, email)

@@ -1,0 +1,194 @@
+//! Candidate erasure (`DELETE /v1/candidates/{candidate_id}`), end to end: the
+//! candidate's email and name leave every table, their live link stops working, their
+//! pending item is never sent, and every tally stays exact.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use smtp_testkit::Step;
+
+use crate::helpers::{KEY, TestApp, assert_counts_add_up, expect_problem, spawn_app_with};
+
+const EMAIL: &str = "erin.x@example.com";
+
+async fn erase(app: &TestApp, candidate: &str) -> reqwest::Response {
+    app.client
+        .delete(app.url(&format!("/v1/candidates/{candidate}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Rows of every table of ours whose text holds `needle` (any case).
+async fn rows_holding(app: &TestApp, needle: &str) -> Vec<String> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+          WHERE table_schema = 'public' AND table_type = 'BASE TABLE'
+            AND table_name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("tables");
+    assert!(tables.iter().any(|t| t == "attempts"), "{tables:?}");
+    let mut found = Vec::new();
+    for table in tables {
+        // The names come from the catalogue, not from input.
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT t::text FROM \"{table}\" t WHERE t::text ILIKE '%' || $1 || '%'"
+        )))
+        .bind(needle)
+        .fetch_all(&app.pool)
+        .await
+        .expect("a scan");
+        found.extend(rows.into_iter().map(|r| format!("{table}: {r}")));
+    }
+    found
+}
+
+#[tokio::test]
+async fn erasure_forgets_the_candidate_everywhere_revokes_links_and_keeps_tallies_exact() {
+    let app = spawn_app_with(|s| {
+        // A transient failure waits a minute: a pending item to erase.
+        s.retry.initial_delay_ms = 60_000;
+        s.retry.max_delay_ms = 60_000;
+    })
+    .await;
+    for job in ["job-1", "job-2", "job-3", "job-4"] {
+        app.open_job(job).await;
+    }
+    let erin = |email: &str| json!({"id": "c-x", "email": email, "name": "Erin Example"});
+    let other = |i: u32| json!({"id": format!("c-{i}"), "email": format!("other.{i}@example.com")});
+    app.smtp.script(
+        EMAIL,
+        [
+            Step::Accept,
+            Step::RcptReply(451, format!("4.2.0 <{EMAIL}> mailbox busy")),
+            Step::RcptReply(550, format!("5.1.1 <{EMAIL}>: Recipient address rejected")),
+        ],
+    );
+    // Sent, with a live link.
+    let sent = app.create_batch("job-1", vec![erin(EMAIL), other(1)]).await;
+    app.wait_until_completed(&sent).await;
+    let token = app.token_for(EMAIL);
+    // Pending: a retry scheduled a minute from now.
+    let pending = app.create_batch("job-3", vec![erin(EMAIL), other(3)]).await;
+    app.wait_for_items(
+        &pending,
+        "a retry scheduled",
+        Duration::from_secs(30),
+        |items| {
+            items
+                .iter()
+                .any(|i| i["candidate_id"] == "c-x" && i["attempts"] == 1)
+                && items
+                    .iter()
+                    .any(|i| i["candidate_id"] == "c-3" && i["status"] == "sent")
+        },
+    )
+    .await;
+    // Refused, its reply quoting the address (suppressed too).
+    let refused = app.create_batch("job-2", vec![erin(EMAIL)]).await;
+    app.wait_until_completed(&refused).await;
+    // Invalid: a warning that quotes the address as given.
+    let invalid = app
+        .create_batch("job-4", vec![erin(&format!("Erin <{EMAIL}>"))])
+        .await;
+    app.wait_until_completed(&invalid).await;
+    assert!(!rows_holding(&app, "erin.x").await.is_empty());
+    let sends_before = app.smtp.attempts(EMAIL);
+
+    let r = erase(&app, "c-x").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"erased_items": 4})
+    );
+    // The erasure is in the audit log, naming the key and holding no personal data.
+    let audit = app.get_json("/v1/audit?action=candidate.erased").await;
+    let entries = audit["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{entries:#?}");
+    assert_eq!(entries[0]["actor"], "key:key:1");
+    assert_eq!(entries[0]["target"], "c-x");
+    assert_eq!(entries[0]["detail"], json!({"erased_items": 4}));
+
+    for needle in ["erin.x", "Erin Example", "e***@example.com"] {
+        let left = rows_holding(&app, needle).await;
+        assert!(left.is_empty(), "{needle} is still stored: {left:#?}");
+    }
+    // The live link no longer works.
+    let r = app.redeem(&token).await;
+    expect_problem(r, StatusCode::GONE, "token_expired").await;
+    // Tallies: what was sent stays sent, what failed stays failed; the pending item is
+    // skipped as cancelled, which completes its batch.
+    for (batch, summary) in [
+        (&sent, "2 sent, 0 failed"),
+        (&refused, "0 sent, 1 failed"),
+        (&pending, "1 sent, 0 failed, 1 skipped"),
+        (&invalid, "0 sent, 1 failed"),
+    ] {
+        let b = app.batch(batch).await;
+        assert_counts_add_up(&b);
+        assert_eq!(b["summary"], summary, "{b}");
+        assert_eq!(b["status"], "completed", "{b}");
+    }
+    let item = app
+        .items(&pending, Some("skipped"))
+        .await
+        .pop()
+        .expect("the skipped item");
+    assert_eq!(item["reason"], "cancelled");
+    assert_eq!(item["email"], "");
+    assert_eq!(item["name"], Value::Null);
+    // Other candidates keep their data.
+    let items = app.items(&sent, None).await;
+    assert!(items.iter().any(|i| i["email"] == "other.1@example.com"));
+    // The refused attempt keeps its reply, without the address.
+    let history = app
+        .get_json(&format!("/v1/batches/{refused}/items/c-x/attempts"))
+        .await;
+    assert_eq!(
+        history["attempts"][0]["smtp_reply"],
+        "550 5.1.1 <[erased]>: Recipient address rejected"
+    );
+
+    // The erased item's retry comes due now: it finds nothing to send.
+    sqlx::query(
+        "UPDATE apalis.jobs SET run_at = now()
+          WHERE status = 'Pending' AND run_at > now()",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("due now");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app.live_tasks_of_batch(&pending).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the retry ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.smtp.attempts(EMAIL),
+        sends_before,
+        "nothing more was sent"
+    );
+
+    // Again: nothing left to erase. Unknown or malformed: 404.
+    let r = erase(&app, "c-x").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"erased_items": 0})
+    );
+    expect_problem(
+        erase(&app, "c-nobody").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    expect_problem(
+        erase(&app, "bad%20id").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+}
