@@ -417,9 +417,9 @@ pub(crate) struct QueueOverview {
     pub(crate) sent_last_minute: i64,
 }
 
-/// The queue's figures. The state counts read the queue's rows once (finished ones are
-/// pruned after `worker.task_retention_secs`, so the table holds little more than the
-/// work in hand); the workers' tasks are found through apalis' `lock_by` index.
+/// The queue's figures. Each state's count reads only that state's rows, through an
+/// index (`sql/queue_counts.sql`); the workers' tasks are found through apalis'
+/// `lock_by` index.
 pub(crate) async fn overview(pool: &PgPool, alive_within: Duration) -> sqlx::Result<QueueOverview> {
     let mut conn = pool.acquire().await?;
     let (tasks, oldest): (TaskCounts, i64) = {
