@@ -235,7 +235,7 @@ async fn batches(
                 Retry::NotFound => Err(not_found(id)),
                 Retry::Cancelled => bail!("batch {id} is cancelled: its items cannot be retried"),
                 Retry::NotRetryable(_) => bail!("batch {id} has no failed items to retry"),
-                Retry::WouldRetry(ids) => {
+                Retry::DryRun(ids) => {
                     let value = json!({ "would_retry": ids.len(), "candidate_ids": ids });
                     out.print(&value, || {
                         format!("would retry {}: {}\n", ids.len(), ids.join(","))

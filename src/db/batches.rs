@@ -368,7 +368,7 @@ pub(crate) enum Retry {
     /// The batch after the retry, and the (item id, task id) pairs to push.
     Retried(BatchRow, Vec<(Uuid, String)>),
     /// A dry run: the candidates a retry would put back, in the batch's order.
-    WouldRetry(Vec<String>),
+    DryRun(Vec<String>),
     NotFound,
     Cancelled,
     /// These candidates are not failed items of the batch (none listed: the batch has no
@@ -382,7 +382,7 @@ pub(crate) enum Retry {
 /// tasks in the same transaction and commits (`db::tasks::retry_batch`).
 ///
 /// With `dry_run`, it only answers which candidates a retry would put back
-/// ([`Retry::WouldRetry`], empty when there are none) and writes nothing.
+/// ([`Retry::DryRun`], empty when there are none) and writes nothing.
 pub(crate) async fn retry(
     tx: &mut PgConnection,
     id: Uuid,
@@ -457,7 +457,7 @@ pub(crate) async fn retry(
             .collect(),
     };
     if dry_run {
-        return Ok(Retry::WouldRetry(
+        return Ok(Retry::DryRun(
             chosen.iter().map(|(_, c, _)| (*c).to_owned()).collect(),
         ));
     }

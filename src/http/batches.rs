@@ -532,7 +532,7 @@ pub(crate) async fn retry(
             "(none: the batch has no failed items to retry)".into(),
         ])),
         Retry::NotRetryable(ids) => Err(ApiError::NotRetryable(ids)),
-        Retry::WouldRetry(candidate_ids) => Ok(Json(RetryDryRun {
+        Retry::DryRun(candidate_ids) => Ok(Json(RetryDryRun {
             would_retry: candidate_ids.len(),
             candidate_ids,
         })
