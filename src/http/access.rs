@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_route_missing_from_the_table_needs_admin() {
-        assert_eq!(required_scope(&Method::GET, "/v1/queue"), Scope::Admin);
+        assert_eq!(required_scope(&Method::GET, "/v1/webhooks"), Scope::Admin);
         assert_eq!(
             required_scope(&Method::POST, "/v1/batches"),
             Scope::BatchesWrite
