@@ -80,18 +80,13 @@ pub async fn start(
         }))
     };
 
-    let state = AppState {
-        pool: pool.clone(),
-        settings: settings.clone(),
-        role,
-    };
+    let state = AppState::new(pool.clone(), settings.clone(), role);
     let router = http::router(state);
     let served = router.clone();
     let stop = shutdown.clone();
+    let limits = settings.http.clone();
     let handle = tokio::spawn(async move {
-        let server =
-            axum::serve(listener, served).with_graceful_shutdown(stop.clone().cancelled_owned());
-        let http_result = server.await;
+        let http_result = http::serve(listener, served, &limits, stop.clone()).await;
         // Whichever part stops first takes the other down with it.
         stop.cancel();
         tracing::info!("HTTP server stopped");

@@ -35,6 +35,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub dkim: DkimSettings,
     pub retention: RetentionSettings,
+    pub limits: LimitsSettings,
 }
 
 /// How long personal and request data is kept (see `queue::retention`).
@@ -79,6 +80,36 @@ pub struct DatabaseSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub bind: SocketAddr,
+    /// From accept, a client must finish its request head within this.
+    pub header_timeout_secs: u64,
+    /// A whole request, body included, from its head to the answer.
+    pub request_timeout_secs: u64,
+    /// A keep-alive connection with no request is closed after this.
+    pub idle_timeout_secs: u64,
+    /// Open connections per process; above it new ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl HttpSettings {
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+/// Abuse limits, per client IP (the TCP peer).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Failed authentications per minute; above it, 429 until the budget refills.
+    pub auth_failures_per_minute: u32,
+    /// `POST /v1/invitations/redeem` calls per minute.
+    pub redeems_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -324,6 +355,25 @@ impl Settings {
                 "database.max_connections",
                 "must be at least 2 (the queue listener holds one connection)",
             );
+        }
+        let h = &self.http;
+        if !(1..=300).contains(&h.header_timeout_secs) {
+            return fail("http.header_timeout_secs", "must be 1 to 300");
+        }
+        if !(1..=3600).contains(&h.request_timeout_secs) {
+            return fail("http.request_timeout_secs", "must be 1 to 3600");
+        }
+        if !(1..=3600).contains(&h.idle_timeout_secs) {
+            return fail("http.idle_timeout_secs", "must be 1 to 3600");
+        }
+        if !(1..=100_000).contains(&h.max_connections) {
+            return fail("http.max_connections", "must be 1 to 100000");
+        }
+        if !(1..=1_000_000).contains(&self.limits.auth_failures_per_minute) {
+            return fail("limits.auth_failures_per_minute", "must be 1 to 1000000");
+        }
+        if !(1..=1_000_000).contains(&self.limits.redeems_per_minute) {
+            return fail("limits.redeems_per_minute", "must be 1 to 1000000");
         }
         if self.api.keys.is_empty() {
             return fail("api.keys", "must list at least one key");
@@ -767,6 +817,16 @@ mod tests {
             .expect_err("must fail")
             .to_string();
         assert!(e.contains("smtp.tls"), "{e}");
+
+        let e = load(&[("INVITES_HTTP__IDLE_TIMEOUT_SECS", "0")])
+            .expect_err("must fail")
+            .to_string();
+        assert!(e.contains("http.idle_timeout_secs"), "{e}");
+
+        let e = load(&[("INVITES_LIMITS__REDEEMS_PER_MINUTE", "0")])
+            .expect_err("must fail")
+            .to_string();
+        assert!(e.contains("limits.redeems_per_minute"), "{e}");
 
         let e = load(&[("INVITES_RETRY__JITTER", "1.5")])
             .expect_err("must fail")

@@ -21,7 +21,7 @@ pub(crate) struct AttemptList {
 
 /// Every attempt to send the item of this candidate in this batch, oldest first, with
 /// the mail server's reply (addresses masked) and the process that made it.
-#[utoipa::path(get, path = "/v1/batches/{id}/items/{candidate_id}/attempts", tag = "batches",
+#[utoipa::path(get, path = "/v1/batches/{id}/items/{candidate_id}/attempts", operation_id = "list_attempts", tag = "batches",
     security(("bearer" = [])),
     params(("id" = Uuid, Path), ("candidate_id" = String, Path)),
     responses((status = 200, description = "Oldest first", body = AttemptList),

@@ -31,7 +31,7 @@ pub(crate) struct AuditQuery {
 }
 
 /// Every change made through the API, the CLI or the console, newest first.
-#[utoipa::path(get, path = "/v1/audit", tag = "audit", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/audit", operation_id = "list_audit_entries", tag = "audit", security(("bearer" = [])),
     params(("limit" = Option<i64>, Query, description = "1 to 500, default 50"),
         ("actor" = Option<String>, Query, description = "`key:<name>`, `operator:<name>` or `cli:<os user>`"),
         ("action" = Option<String>, Query, description = "e.g. `batch.retried`")),

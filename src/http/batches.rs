@@ -416,7 +416,7 @@ pub(crate) struct ListQuery {
 }
 
 /// `GET /v1/batches?job_id=&status=&limit=`, newest first.
-#[utoipa::path(get, path = "/v1/batches", tag = "batches", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/batches", operation_id = "list_batches", tag = "batches", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("status" = Option<BatchStatus>, Query),
         ("limit" = Option<i64>, Query, description = "1 to 500, default 50")),
     responses((status = 200, description = "Newest first", body = BatchList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
@@ -487,6 +487,9 @@ fn retry_selection(body: RetryRequest) -> ApiResult<RetrySelection> {
             }
             let mut list = Vec::with_capacity(candidates.len());
             for (i, c) in candidates.into_iter().enumerate() {
+                if let Err(why) = ExternalId::parse(&c.id) {
+                    return Err(ApiError::Validation(format!("candidates[{i}].id: {why}")));
+                }
                 if let Some(email) = &c.email
                     && let Err(e) = CandidateEmail::parse(email)
                 {
@@ -578,7 +581,7 @@ pub(crate) struct FailureGroups {
 }
 
 /// The batch's failed items grouped by reason and SMTP reply code.
-#[utoipa::path(get, path = "/v1/batches/{id}/failures", tag = "batches", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/batches/{id}/failures", operation_id = "list_failure_groups", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "Failure groups, largest first; at most 20 candidate ids each", body = FailureGroups), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn failures(
@@ -592,7 +595,7 @@ pub(crate) async fn failures(
     Ok(Json(FailureGroups { groups }))
 }
 
-#[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/batches/{id}", operation_id = "get_batch", tag = "batches", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "The batch", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(

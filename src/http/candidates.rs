@@ -29,7 +29,7 @@ pub(crate) struct Erased {
 /// Erases the candidate's email and name everywhere (items, attempts' replies, batch
 /// warnings, the suppression list); revokes their PENDING links; skips their pending
 /// items as `cancelled`, so nothing more is sent to them. Counts and tallies stay exact.
-#[utoipa::path(delete, path = "/v1/candidates/{candidate_id}", tag = "candidates",
+#[utoipa::path(delete, path = "/v1/candidates/{candidate_id}", operation_id = "erase_candidate", tag = "candidates",
     security(("bearer" = [])),
     params(("candidate_id" = String, Path, description = "The web app's id: 1 to 128 of [A-Za-z0-9._:-]")),
     responses((status = 200, description = "Erased", body = Erased),

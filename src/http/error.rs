@@ -58,6 +58,10 @@ pub(crate) enum ApiError {
     PayloadTooLarge,
     #[error("{0}")]
     UnsupportedMediaType(String),
+    #[error("too many {what} from this address; try again in {retry_after_secs} s")]
+    RateLimited { what: String, retry_after_secs: u64 },
+    #[error("the request was not completed in time")]
+    RequestTimeout,
     #[error("service not ready: {0}")]
     NotReady(String),
     #[error("internal error")]
@@ -112,6 +116,8 @@ error_codes! {
     TokenExpired = "token_expired",
     PayloadTooLarge = "payload_too_large",
     UnsupportedMediaType = "unsupported_media_type",
+    RateLimited = "rate_limited",
+    RequestTimeout = "request_timeout",
     NotReady = "not_ready",
     Internal = "internal",
 }
@@ -175,6 +181,8 @@ impl ApiError {
                 C::UnsupportedMediaType,
                 "Unsupported media type",
             ),
+            E::RateLimited { .. } => (S::TOO_MANY_REQUESTS, C::RateLimited, "Rate limited"),
+            E::RequestTimeout => (S::REQUEST_TIMEOUT, C::RequestTimeout, "Request timeout"),
             E::NotReady(_) => (S::SERVICE_UNAVAILABLE, C::NotReady, "Not ready"),
             E::Internal(_) => (
                 S::INTERNAL_SERVER_ERROR,
@@ -200,6 +208,12 @@ pub(crate) struct Problem {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, title) = self.parts();
+        let retry_after = match &self {
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => Some(HeaderValue::from(*retry_after_secs)),
+            _ => None,
+        };
         let detail = match &self {
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "request failed");
@@ -226,6 +240,9 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, seconds);
         }
         response
     }

@@ -38,21 +38,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// An optional JSON body: an empty body reads as `None`.
+/// An optional JSON body: an empty body reads as `None`; any other body must be JSON
+/// as [`JsonBody`]'s is.
 pub(crate) struct OptionalJsonBody<T>(pub Option<T>);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let has_type = req.headers().contains_key(header::CONTENT_TYPE);
+        let is_json = is_json(req.headers());
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| body_rejection(e.status()))?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(None));
         }
-        if !has_type {
+        if !is_json {
             return Err(unsupported());
         }
         parse_json(&bytes).map(|v| OptionalJsonBody(Some(v)))
@@ -64,8 +65,17 @@ pub(crate) async fn read_json_bytes<S: Send + Sync>(
     req: Request,
     state: &S,
 ) -> Result<Bytes, ApiError> {
-    let is_json = req
-        .headers()
+    if !is_json(req.headers()) {
+        return Err(unsupported());
+    }
+    Bytes::from_request(req, state)
+        .await
+        .map_err(|e| body_rejection(e.status()))
+}
+
+/// `Content-Type: application/json` or `application/*+json`, any parameters.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
@@ -74,13 +84,7 @@ pub(crate) async fn read_json_bytes<S: Send + Sync>(
             mime == "application/json"
                 || (mime.starts_with("application/") && mime.ends_with("+json"))
         })
-        .unwrap_or(false);
-    if !is_json {
-        return Err(unsupported());
-    }
-    Bytes::from_request(req, state)
-        .await
-        .map_err(|e| body_rejection(e.status()))
+        .unwrap_or(false)
 }
 
 fn unsupported() -> ApiError {
@@ -95,23 +99,73 @@ fn body_rejection(status: axum::http::StatusCode) -> ApiError {
     }
 }
 
-/// Parses JSON, naming the field at fault (`candidates[3].email: invalid type …`).
+/// Parses one JSON document (nothing may follow it), refuses control characters in
+/// its strings, and reads it into `T`, naming the field at fault
+/// (`candidates[3].email: invalid type …`).
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let what = if inner.is_syntax() || inner.is_eof() {
-            format!("malformed JSON: {inner}")
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::Validation(format!("malformed JSON: {e}")))?;
+    if let Some(path) = control_character_at(&value, &mut String::new()) {
+        let path = if path.is_empty() {
+            "the body".into()
         } else {
-            strip_position(&inner.to_string())
+            path
         };
+        return Err(ApiError::Validation(format!(
+            "{path}: must not contain control characters"
+        )));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let what = strip_position(&e.into_inner().to_string());
         ApiError::Validation(if path == "." || path.is_empty() {
             what
         } else {
             format!("{path}: {what}")
         })
     })
+}
+
+/// Fields of free text, where a tab is allowed; no other control character is, in any
+/// string (PostgreSQL text cannot hold NUL, and a line break has no place in an id).
+const FREE_TEXT: &[&str] = &["name", "title"];
+
+/// The path (`candidates[0].name`) of the first string, or object key, holding a
+/// control character.
+fn control_character_at(value: &serde_json::Value, path: &mut String) -> Option<String> {
+    use serde_json::Value;
+    let bad = |text: &str, tab_ok: bool| {
+        text.chars()
+            .any(|c| c.is_control() && !(tab_ok && c == '\t'))
+    };
+    match value {
+        Value::String(text) => {
+            let field = path.rsplit('.').next().unwrap_or_default();
+            bad(text, FREE_TEXT.contains(&field)).then(|| path.clone())
+        }
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let len = path.len();
+            path.push_str(&format!("[{i}]"));
+            let found = control_character_at(item, path);
+            path.truncate(len);
+            found
+        }),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let len = path.len();
+            if !path.is_empty() {
+                path.push('.');
+            }
+            if bad(key, false) {
+                path.push_str("(a field name)");
+                return Some(path.clone());
+            }
+            path.push_str(key);
+            let found = control_character_at(item, path);
+            path.truncate(len);
+            found
+        }),
+        _ => None,
+    }
 }
 
 /// serde_json appends " at line 1 column 42"; the field path says more.
@@ -136,6 +190,21 @@ impl<S: Send + Sync> FromRequestParts<S> for PathUuid {
         Uuid::parse_str(&raw)
             .map(PathUuid)
             .map_err(|_| ApiError::NotFound(format!("no resource with id {raw}")))
+    }
+}
+
+/// A path parameter as text; one that is not UTF-8 once percent-decoded (`%ff`)
+/// names no resource: 404.
+pub(crate) struct PathText(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(text)| PathText(text))
+            .map_err(|_| ApiError::NotFound("no such resource: the path is not valid UTF-8".into()))
     }
 }
 

@@ -43,7 +43,7 @@ fn not_found(id: uuid::Uuid) -> ApiError {
     ApiError::NotFound(format!("no invitation with id {id}"))
 }
 
-#[utoipa::path(get, path = "/v1/invitations/{id}", tag = "invitations", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/invitations/{id}", operation_id = "get_invitation", tag = "invitations", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, description = "The invitation", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(
@@ -56,7 +56,7 @@ pub(crate) async fn get(
         .ok_or_else(|| not_found(id))
 }
 
-#[utoipa::path(get, path = "/v1/invitations", tag = "invitations", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/invitations", operation_id = "list_invitations", tag = "invitations", security(("bearer" = [])),
     params(("job_id" = Option<String>, Query), ("candidate_id" = Option<String>, Query)),
     responses((status = 200, description = "Newest first", body = InvitationList), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list(
@@ -79,7 +79,9 @@ pub(crate) async fn list(
     request_body = RedeemRequest,
     responses((status = 200, description = "First use of a live link: now IN_PROGRESS", body = Invitation), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "token_invalid", body = Problem, content_type = "application/problem+json"), (status = 410, description = "token_used, token_expired", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "rate_limited: over limits.redeems_per_minute from this address", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until a call is allowed again")))))]
 pub(crate) async fn redeem(
     State(state): State<AppState>,
     caller: Caller,

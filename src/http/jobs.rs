@@ -1,10 +1,6 @@
 //! `PUT/GET /v1/jobs/{job_id}`.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use serde::Deserialize;
 
 use crate::{
@@ -15,7 +11,7 @@ use crate::{
 use super::{
     access::Caller,
     error::{ApiError, ApiResult, Problem},
-    extract::JsonBody,
+    extract::{JsonBody, PathText},
     state::AppState,
 };
 
@@ -39,9 +35,11 @@ fn job_id(raw: &str) -> ApiResult<ExternalId> {
 pub(crate) async fn put_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw_id): Path<String>,
+    raw_id: Result<PathText, ApiError>,
     JsonBody(body): JsonBody<PutJob>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
+    let PathText(raw_id) =
+        raw_id.map_err(|_| ApiError::Validation("job_id: must be valid UTF-8".into()))?;
     let id =
         ExternalId::parse(&raw_id).map_err(|why| ApiError::Validation(format!("job_id: {why}")))?;
     let title = body.title.trim();
@@ -76,7 +74,7 @@ pub(crate) async fn put_job(
     responses((status = 200, description = "The job", body = Job), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get_job(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    PathText(raw_id): PathText,
 ) -> ApiResult<Json<Job>> {
     let id = job_id(&raw_id)?;
     db::jobs::get(&state.pool, id.as_str())

@@ -14,13 +14,16 @@ pub mod error;
 pub mod extract;
 pub mod invitations;
 pub mod jobs;
+mod limits;
 pub mod openapi;
 mod queue;
 mod router;
+mod server;
 pub mod service;
 mod state;
 mod suppressions;
 
 pub(crate) use router::router;
+pub(crate) use server::serve;
 pub(crate) use state::AppState;
 pub use state::Role;

@@ -17,7 +17,10 @@ use super::{
         title = "invite-worker",
         description = "Bulk interview invitations: one email with a unique, single-use link per candidate, \
                        sent through a durable Postgres queue, with an exact tally. Every error is \
-                       application/problem+json with a stable `code` (see the ErrorCode schema)."
+                       application/problem+json with a stable `code` (see the ErrorCode schema). \
+                       Any /v1 route answers 429 `rate_limited` (with Retry-After) to an address past \
+                       its budget of failed authentications, and any request whose body is not \
+                       complete within the request timeout gets 408 `request_timeout`."
     ),
     paths(
         jobs::put_job, jobs::get_job,
@@ -140,5 +143,46 @@ mod tests {
                 "{schema} is a component: the routes' $refs resolve"
             );
         }
+    }
+
+    /// Every `"$ref"` in `value`, with where it sits.
+    fn refs<'a>(value: &'a serde_json::Value, at: String, out: &mut Vec<(String, &'a str)>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (key, item) in fields {
+                    match (key.as_str(), item.as_str()) {
+                        ("$ref", Some(target)) => out.push((at.clone(), target)),
+                        _ => refs(item, format!("{at}/{key}"), out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    refs(item, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_reference_in_the_document_resolves() {
+        let doc = serde_json::to_value(document()).expect("serializes");
+        let mut found = Vec::new();
+        refs(&doc, String::new(), &mut found);
+        assert!(!found.is_empty(), "the document uses references");
+        let dangling: Vec<String> = found
+            .iter()
+            .filter(|(_, target)| {
+                target
+                    .strip_prefix('#')
+                    .is_none_or(|pointer| doc.pointer(pointer).is_none())
+            })
+            .map(|(at, target)| format!("{at} -> {target}"))
+            .collect();
+        assert!(
+            dangling.is_empty(),
+            "references that resolve to nothing: {dangling:#?}"
+        );
     }
 }

@@ -18,7 +18,7 @@ use crate::db::tasks::{self, DeadSelection, DeadTask, QueueOverview};
 const MAX_IDS: usize = 1000;
 
 /// Task counts by state, the oldest due task's wait, live workers and recent sends.
-#[utoipa::path(get, path = "/v1/queue", tag = "queue", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/queue", operation_id = "get_queue", tag = "queue", security(("bearer" = [])),
     responses((status = 200, description = "The queue's figures", body = QueueOverview),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "forbidden (needs admin)", body = Problem, content_type = "application/problem+json")))]
@@ -42,7 +42,7 @@ pub(crate) struct DeadList {
 
 /// Tasks apalis gave up on (killed, or out of attempts): tasks whose handler could not
 /// record an outcome, not items that failed. Most recent first.
-#[utoipa::path(get, path = "/v1/queue/dead", tag = "queue", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/queue/dead", operation_id = "list_dead_tasks", tag = "queue", security(("bearer" = [])),
     params(("limit" = Option<i64>, Query, description = "1 to 500, default 50")),
     responses((status = 200, description = "Most recent first", body = DeadList),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
@@ -90,7 +90,7 @@ fn dead_selection(req: DeadRetryRequest) -> ApiResult<DeadSelection> {
 }
 
 /// Makes dead tasks runnable again with a fresh attempt budget (audit-logged).
-#[utoipa::path(post, path = "/v1/queue/dead/retry", tag = "queue", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/queue/dead/retry", operation_id = "retry_dead_tasks", tag = "queue", security(("bearer" = [])),
     request_body = DeadRetryRequest,
     responses((status = 200, description = "How many tasks run again", body = DeadRetried),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),

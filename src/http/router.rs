@@ -5,14 +5,15 @@
 use axum::{
     Router,
     extract::{DefaultBodyLimit, MatchedPath, Request, State},
-    http::Method,
+    http::{Method, StatusCode},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{delete, get, post, put},
 };
 use tower::ServiceBuilder;
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    timeout::TimeoutLayer,
     trace::TraceLayer,
 };
 
@@ -21,7 +22,9 @@ use super::{
     attempts, audit, batches, candidates,
     error::ApiError,
     extract::REQUEST_ID,
-    invitations, jobs, openapi, queue, service,
+    invitations, jobs,
+    limits::client_ip,
+    openapi, queue, service,
     state::{AppState, Role},
     suppressions,
 };
@@ -29,16 +32,16 @@ use super::{
 /// Request bodies above this are refused with 413 before any other work.
 pub(crate) const BODY_LIMIT: usize = 1024 * 1024;
 
-/// The whole router. `work` processes get only the service routes.
+/// The whole router. `work` processes get only `/healthz`, `/readyz` and `/metrics`.
 pub(crate) fn router(state: AppState) -> Router {
     let service = Router::new()
         .route("/healthz", get(service::healthz))
         .route("/readyz", get(service::readyz))
-        .route("/metrics", get(service::metrics))
-        .route("/openapi.json", get(openapi::serve));
+        .route("/metrics", get(service::metrics));
     let app = if state.role == Role::Worker {
         service
     } else {
+        let service = service.route("/openapi.json", get(openapi::serve));
         let v1 = Router::new()
             .route("/jobs/{job_id}", put(jobs::put_job).get(jobs::get_job))
             .route("/batches", post(batches::create).get(batches::list))
@@ -54,7 +57,11 @@ pub(crate) fn router(state: AppState) -> Router {
             )
             .route("/candidates/{candidate_id}", delete(candidates::erase))
             .route("/invitations", get(invitations::list))
-            .route("/invitations/redeem", post(invitations::redeem))
+            .route(
+                "/invitations/redeem",
+                post(invitations::redeem)
+                    .route_layer(middleware::from_fn_with_state(state.clone(), limit_redeems)),
+            )
             .route("/invitations/{id}", get(invitations::get))
             .route("/invitations/{id}/complete", post(invitations::complete))
             .route("/invitations/{id}/revoke", post(invitations::revoke))
@@ -76,6 +83,7 @@ pub(crate) fn router(state: AppState) -> Router {
             ));
         service.nest("/v1", v1)
     };
+    let request_timeout = state.settings.http.request_timeout();
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -83,9 +91,25 @@ pub(crate) fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(TraceLayer::new_for_http().make_span_with(request_span))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(middleware::map_response(timeout_problem))
+                // `http.request_timeout_secs`, body included: a slow body is cut here,
+                // and dropping the request's future drops what it had read.
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    request_timeout,
+                )),
         )
         .with_state(state)
+}
+
+/// The timeout layer answers a bare 408; every error is a problem.
+async fn timeout_problem(response: Response) -> Response {
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        tracing::warn!("request timed out");
+        return ApiError::RequestTimeout.into_response();
+    }
+    response
 }
 
 /// The span of one request: its method, its route (the pattern, not the path: ids in a
@@ -113,6 +137,16 @@ async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on this route"))
 }
 
+/// `POST /v1/invitations/redeem`: at most `limits.redeems_per_minute` per client IP.
+async fn limit_redeems(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    state.limits.redeem(client_ip(&request))?;
+    Ok(next.run(request).await)
+}
+
 /// `Authorization: Bearer <key>` with a key from `api.keys` (compared in constant
 /// time: `access::authenticate`). The key's name goes into the request's span and, as
 /// a [`Caller`], into its extensions.
@@ -121,10 +155,12 @@ async fn require_bearer(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let client = client_ip(&request);
+    state.limits.refuse_if_blocked(client)?;
     let key = access::bearer_token(request.headers())
         .and_then(|presented| access::authenticate(&state.settings.api.keys, presented));
     let Some(key) = key else {
-        return Err(ApiError::Unauthorized);
+        return Err(state.limits.auth_failed(client));
     };
     tracing::Span::current().record("key", tracing::field::display(&key.name));
     request.extensions_mut().insert(Caller::new(key));

@@ -1,17 +1,13 @@
 //! `GET /v1/suppressions`, `DELETE /v1/suppressions/{email}`: the addresses not sent to
 //! because a mail server refused them as bad mailboxes.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::{
     access::Caller,
     error::{ApiError, ApiResult, Problem},
-    extract::{QueryParams, optional},
+    extract::{PathText, QueryParams, optional},
     state::AppState,
 };
 use crate::db::{self, suppressions::Suppression};
@@ -30,7 +26,7 @@ pub(crate) struct ListQuery {
 }
 
 /// The suppressed addresses, newest first.
-#[utoipa::path(get, path = "/v1/suppressions", tag = "suppressions", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/suppressions", operation_id = "list_suppressions", tag = "suppressions", security(("bearer" = [])),
     params(("limit" = Option<i64>, Query, description = "1 to 1000, default 100")),
     responses((status = 200, description = "Newest first", body = SuppressionList),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
@@ -58,10 +54,11 @@ pub(crate) async fn list(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    Path(email): Path<String>,
+    PathText(email): PathText,
 ) -> ApiResult<StatusCode> {
+    // PostgreSQL text cannot hold NUL, and no address holds a control character.
     if email.len() > 1024
-        || email.contains('\0')
+        || email.chars().any(char::is_control)
         || !db::suppressions::delete(&state.pool, &email, &caller.actor()).await?
     {
         return Err(ApiError::NotFound(

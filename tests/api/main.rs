@@ -1,6 +1,7 @@
 //! Integration tests: one binary, a fresh PostgreSQL database per test, a real SMTP
 //! server over TCP, the real binary where a process must die.
 
+mod abuse_limits;
 mod access;
 mod attempts;
 mod delivery;

@@ -60,3 +60,36 @@ async fn every_documented_route_is_served_and_the_document_parses() {
         }
     }
 }
+
+/// The served document is valid OpenAPI 3.1 by an independent validator
+/// (`openapi-spec-validator`, which `scripts/test` installs), every `$ref` included.
+#[tokio::test]
+async fn the_served_document_passes_an_independent_openapi_validator() {
+    let app = spawn_app().await;
+    let r = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("the document");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, text).expect("written");
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&path)
+        .output()
+        .expect("python3 runs (scripts/test installs openapi-spec-validator)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the document does not validate:\n{report}"
+    );
+    assert!(report.contains("OK"), "{report}");
+}
