@@ -557,6 +557,12 @@ impl Settings {
     pub fn smtp_timeout(&self) -> Duration {
         Duration::from_secs(self.smtp.timeout_secs)
     }
+
+    /// How long a cancel waits for sends already on their way: one SMTP timeout and a
+    /// margin for writing the outcome.
+    pub fn cancel_window(&self) -> Duration {
+        self.smtp_timeout() + Duration::from_secs(5)
+    }
 }
 
 /// One line: the key, then what is wrong with its value.

@@ -7,7 +7,8 @@
 //!
 //! Dependencies point one way, in layers (docs/architecture.md; `tests/layers.rs`
 //! checks them): `domain` ← `config` ← `db` and `mail` ← `queue` and `http` ← `app` ←
-//! `demo`. `http` does not use `queue` or `mail`; `domain` uses nothing of ours.
+//! `demo`; the operator CLI (`ops`) uses `db` directly. `http` does not use `queue` or
+//! `mail`; `domain` uses nothing of ours.
 
 pub mod app;
 pub mod cli;
@@ -17,5 +18,6 @@ pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod mail;
+pub mod ops;
 pub mod queue;
 pub mod telemetry;

@@ -7,20 +7,37 @@ use invite_worker::{
     config::{self, Settings},
     demo,
     http::Role,
-    telemetry,
+    ops, telemetry,
 };
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line (what is wrong and, e.g., which argument is missing), exit 1.
+            let text = e.render().to_string();
+            let what: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{} (see --help)", what.join(" "));
+            return ExitCode::FAILURE;
+        }
+    };
     if let Command::Secret = cli.command {
         // Needs no configuration: a broken one must not stop anyone from making a key.
         println!("{}", config::generate_secret());
         return ExitCode::SUCCESS;
     }
-    // The demo prints its own progress; the services log what they do.
+    // The demo and the operator commands print their own output; the services log
+    // what they do.
+    let operator = cli.command.is_operator_command();
     telemetry::init_logging(match cli.command {
         Command::Demo => "warn",
+        _ if operator => "warn",
         _ => "warn,invite_worker=info",
     });
     let (path, required) = match &cli.config {
@@ -31,7 +48,8 @@ async fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            // Operator commands answer 0 or 1, as scripts expect.
+            return ExitCode::from(if operator { 1 } else { 2 });
         }
     };
     // The roles that serve for real refuse shipped or weak secrets (the demo does not).
@@ -40,6 +58,15 @@ async fn main() -> ExitCode {
     {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    if operator {
+        return match ops::run(&settings, cli.command, cli.json).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+                ExitCode::FAILURE
+            }
+        };
     }
     let result = match cli.command {
         Command::Serve => app::run(settings, Role::All).await,
@@ -50,6 +77,7 @@ async fn main() -> ExitCode {
         }),
         Command::Demo => demo::run(settings).await,
         Command::Secret => Ok(()),
+        Command::Status | Command::Batches(_) | Command::Tasks(_) | Command::Operators(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

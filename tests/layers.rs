@@ -36,7 +36,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("demo", &["config", "http", "app"]),
-    ("cli", &[]),
+    ("cli", &["domain"]),
+    ("ops", &["domain", "config", "db", "cli"]),
 ];
 
 /// A module path (`["db", "tasks"]`) and the file that holds it.

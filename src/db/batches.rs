@@ -35,6 +35,69 @@ pub(crate) struct BatchRow {
     pub(crate) cancelled_at: Option<DateTime<Utc>>,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub(crate) struct Counts {
+    pub(crate) pending: i32,
+    pub(crate) sent: i32,
+    pub(crate) failed: i32,
+    pub(crate) skipped: i32,
+}
+
+/// The batch resource.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct BatchView {
+    pub(crate) id: Uuid,
+    pub(crate) job_id: String,
+    pub(crate) duration_minutes: i32,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) status: BatchStatus,
+    pub(crate) total: i32,
+    pub(crate) counts: Counts,
+    /// `"{sent} sent, {failed} failed"`, plus `", {skipped} skipped"` when any were.
+    pub(crate) summary: String,
+    pub(crate) warnings: Vec<Warning>,
+    /// The name of the API key that created the batch (`key:1`, `key:2`, … for keys
+    /// given as a plain list); null for batches created before keys had names.
+    pub(crate) created_by: Option<String>,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) completed_at: Option<DateTime<Utc>>,
+    pub(crate) cancelled_at: Option<DateTime<Utc>>,
+}
+
+/// The tally as people read it.
+pub(crate) fn summary(sent: i32, failed: i32, skipped: i32) -> String {
+    let mut s = format!("{sent} sent, {failed} failed");
+    if skipped > 0 {
+        s.push_str(&format!(", {skipped} skipped"));
+    }
+    s
+}
+
+impl From<BatchRow> for BatchView {
+    fn from(b: BatchRow) -> Self {
+        BatchView {
+            summary: summary(b.sent, b.failed, b.skipped),
+            counts: Counts {
+                pending: b.pending,
+                sent: b.sent,
+                failed: b.failed,
+                skipped: b.skipped,
+            },
+            id: b.id,
+            job_id: b.job_id,
+            duration_minutes: b.duration_minutes,
+            on_duplicate: b.on_duplicate,
+            status: b.status,
+            total: b.total,
+            warnings: b.warnings.0,
+            created_by: b.created_by,
+            created_at: b.created_at,
+            completed_at: b.completed_at,
+            cancelled_at: b.cancelled_at,
+        }
+    }
+}
+
 /// One candidate of a new batch, as the request gave it.
 #[derive(Debug, Clone)]
 pub(crate) struct NewItem {
@@ -189,9 +252,28 @@ pub(crate) enum Cancel {
 
 /// Cancels a live batch: every pending item becomes `skipped`/`cancelled`, their links
 /// (if minted) are revoked, the tally moves, the batch becomes `cancelled`. Sends that
-/// are on their way (`sending_at` within `in_flight`) are waited for by the caller, so
-/// each of those items ends as what really happened to it.
+/// are on their way (`sending_at` within `in_flight`) are waited for, up to
+/// `in_flight`, so each of those items ends as what really happened to it
+/// ([`Cancel::SendsInFlight`] if they are still on their way then).
 pub(crate) async fn cancel(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    in_flight: std::time::Duration,
+    actor: &Actor,
+) -> sqlx::Result<Cancel> {
+    let deadline = tokio::time::Instant::now() + in_flight;
+    loop {
+        match cancel_now(pool, id, in_flight, actor).await? {
+            Cancel::SendsInFlight if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            done => return Ok(done),
+        }
+    }
+}
+
+/// One try of [`cancel`]: [`Cancel::SendsInFlight`] when a send is on its way.
+async fn cancel_now(
     pool: &sqlx::PgPool,
     id: Uuid,
     in_flight: std::time::Duration,
@@ -258,25 +340,54 @@ pub(crate) struct RetryItem {
     pub(crate) email: Option<String>,
 }
 
+/// Which failed items a retry puts back.
+pub(crate) enum RetrySelection {
+    /// Every failed item of the batch.
+    All,
+    /// These candidates, each of which must be a failed item of the batch.
+    Candidates(Vec<RetryItem>),
+    /// The failed items that failed for this reason.
+    Reason(ItemReason),
+}
+
+impl RetrySelection {
+    /// The failed items of `reason`, which must be a reason for failing.
+    pub(crate) fn reason(reason: ItemReason) -> Result<Self, String> {
+        if reason.status() == ItemStatus::Failed {
+            return Ok(Self::Reason(reason));
+        }
+        Err(format!(
+            "reason: {reason} is a reason for skipping, not failing; one of invalid_email, \
+             rejected, retries_exhausted, suppressed"
+        ))
+    }
+}
+
 /// What a retry did.
 pub(crate) enum Retry {
     /// The batch after the retry, and the (item id, task id) pairs to push.
     Retried(BatchRow, Vec<(Uuid, String)>),
+    /// A dry run: the candidates a retry would put back, in the batch's order.
+    DryRun(Vec<String>),
     NotFound,
     Cancelled,
-    /// These candidates are not failed items of the batch.
+    /// These candidates are not failed items of the batch (none listed: the batch has no
+    /// failed item the selection names).
     NotRetryable(Vec<String>),
 }
 
 /// Puts failed items back to `pending` (new task ids, attempts reset, a corrected
-/// address replacing the item's) and the batch back to `running`.
-/// `only` limits it to those candidates; `None` retries every failed item. The audit
-/// log records `actor`'s retry. The caller pushes the tasks in the same transaction and
-/// commits.
+/// address replacing the item's) and the batch back to `running`: the items
+/// `selection` names. The audit log records `actor`'s retry. The caller pushes the
+/// tasks in the same transaction and commits (`db::tasks::retry_batch`).
+///
+/// With `dry_run`, it only answers which candidates a retry would put back
+/// ([`Retry::DryRun`], empty when there are none) and writes nothing.
 pub(crate) async fn retry(
     tx: &mut PgConnection,
     id: Uuid,
-    only: Option<&[RetryItem]>,
+    selection: &RetrySelection,
+    dry_run: bool,
     actor: &Actor,
 ) -> sqlx::Result<Retry> {
     let status: Option<BatchStatus> =
@@ -289,30 +400,36 @@ pub(crate) async fn retry(
         Some(BatchStatus::Cancelled) => return Ok(Retry::Cancelled),
         Some(_) => {}
     }
-    let rows: Vec<(Uuid, String, ItemStatus)> = sqlx::query_as(
-        "SELECT id, candidate_id, status FROM batch_items
-         WHERE batch_id = $1 ORDER BY id FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_all(&mut *tx)
-    .await?;
-    // Read again under the batch's lock (items first, then the batch: the lock order):
-    // a cancel may have committed since the first read.
-    let status: Option<BatchStatus> =
-        sqlx::query_scalar("SELECT status FROM batches WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if status == Some(BatchStatus::Cancelled) {
-        return Ok(Retry::Cancelled);
+    // A dry run takes no lock: what it answers is what a retry would do now.
+    let items = if dry_run {
+        "SELECT id, candidate_id, status, reason FROM batch_items
+          WHERE batch_id = $1 ORDER BY id"
+    } else {
+        "SELECT id, candidate_id, status, reason FROM batch_items
+          WHERE batch_id = $1 ORDER BY id FOR UPDATE"
+    };
+    let rows: Vec<(Uuid, String, ItemStatus, Option<ItemReason>)> =
+        sqlx::query_as(items).bind(id).fetch_all(&mut *tx).await?;
+    if !dry_run {
+        // Read again under the batch's lock (items first, then the batch: the lock
+        // order): a cancel may have committed since the first read.
+        let status: Option<BatchStatus> =
+            sqlx::query_scalar("SELECT status FROM batches WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if status == Some(BatchStatus::Cancelled) {
+            return Ok(Retry::Cancelled);
+        }
     }
     let failed = |cid: &str| {
         rows.iter()
-            .find(|(_, c, s)| c == cid && *s == ItemStatus::Failed)
+            .find(|(_, c, s, _)| c == cid && *s == ItemStatus::Failed)
             .map(|(i, ..)| *i)
     };
-    let chosen: Vec<(Uuid, Option<String>)> = match only {
-        Some(list) => {
+    // (item id, candidate id, corrected address)
+    let chosen: Vec<(Uuid, &str, Option<String>)> = match selection {
+        RetrySelection::Candidates(list) => {
             let not: Vec<String> = list
                 .iter()
                 .filter(|r| failed(&r.candidate_id).is_none())
@@ -322,15 +439,28 @@ pub(crate) async fn retry(
                 return Ok(Retry::NotRetryable(not));
             }
             list.iter()
-                .filter_map(|r| failed(&r.candidate_id).map(|i| (i, r.email.clone())))
+                .filter_map(|r| {
+                    failed(&r.candidate_id).map(|i| (i, r.candidate_id.as_str(), r.email.clone()))
+                })
                 .collect()
         }
-        None => rows
+        RetrySelection::All | RetrySelection::Reason(_) => rows
             .iter()
-            .filter(|(_, _, s)| *s == ItemStatus::Failed)
-            .map(|(i, ..)| (*i, None))
+            .filter(|(_, _, s, reason)| {
+                *s == ItemStatus::Failed
+                    && match selection {
+                        RetrySelection::Reason(wanted) => *reason == Some(*wanted),
+                        _ => true,
+                    }
+            })
+            .map(|(i, c, ..)| (*i, c.as_str(), None))
             .collect(),
     };
+    if dry_run {
+        return Ok(Retry::DryRun(
+            chosen.iter().map(|(_, c, _)| (*c).to_owned()).collect(),
+        ));
+    }
     if chosen.is_empty() {
         return Ok(Retry::NotRetryable(Vec::new()));
     }
@@ -338,7 +468,12 @@ pub(crate) async fn retry(
     sqlx::query(include_str!("sql/retry_items.sql"))
         .bind(tasks.iter().map(|(i, _)| *i).collect::<Vec<_>>())
         .bind(tasks.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>())
-        .bind(chosen.iter().map(|(_, e)| e.as_deref()).collect::<Vec<_>>())
+        .bind(
+            chosen
+                .iter()
+                .map(|(.., e)| e.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *tx)
         .await?;
     let n = i32::try_from(chosen.len()).unwrap_or(i32::MAX);
@@ -353,8 +488,11 @@ pub(crate) async fn retry(
     .bind(n)
     .fetch_one(&mut *tx)
     .await?;
-    let corrected = chosen.iter().filter(|(_, e)| e.is_some()).count();
-    let detail = serde_json::json!({ "items": n, "corrected_emails": corrected });
+    let corrected = chosen.iter().filter(|(.., e)| e.is_some()).count();
+    let mut detail = serde_json::json!({ "items": n, "corrected_emails": corrected });
+    if let RetrySelection::Reason(reason) = selection {
+        detail["reason"] = reason.as_str().into();
+    }
     super::audit::record(
         tx,
         actor,
@@ -364,4 +502,54 @@ pub(crate) async fn retry(
     )
     .await?;
     Ok(Retry::Retried(row, tasks))
+}
+
+/// The failed items of one batch that failed alike: the same reason and the same
+/// server reply code.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub(crate) struct FailureGroup {
+    #[schema(value_type = String, example = "rejected")]
+    pub(crate) reason: ItemReason,
+    /// The SMTP reply code and enhanced status code of the items' last reply
+    /// (`550 5.1.1`), null when there was no reply.
+    pub(crate) reply_code: Option<String>,
+    pub(crate) count: i64,
+    /// At most 20, in the batch's order.
+    pub(crate) candidate_ids: Vec<String>,
+}
+
+/// The batch's failed items grouped by reason and reply code, largest group first.
+/// Reads the batch's items through the (batch_id, candidate_id) index.
+pub(crate) async fn failure_groups(
+    db: impl PgExecutor<'_>,
+    batch_id: Uuid,
+) -> sqlx::Result<Vec<FailureGroup>> {
+    sqlx::query_as(include_str!("sql/failure_groups.sql"))
+        .bind(batch_id)
+        .fetch_all(db)
+        .await
+}
+
+/// How many batches are in each status (every status, zeros included).
+pub(crate) async fn count_by_status(
+    db: impl PgExecutor<'_>,
+) -> sqlx::Result<Vec<(BatchStatus, i64)>> {
+    let counted: Vec<(BatchStatus, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM batches GROUP BY status")
+            .fetch_all(db)
+            .await?;
+    Ok(BatchStatus::ALL
+        .iter()
+        .map(|s| {
+            let n = counted.iter().find(|(c, _)| c == s).map_or(0, |(_, n)| *n);
+            (*s, n)
+        })
+        .collect())
+}
+
+/// Items sent in the last minute, counted in the batches that were live in it.
+pub(crate) async fn sent_last_minute(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar(include_str!("sql/sent_last_minute.sql"))
+        .fetch_one(db)
+        .await
 }

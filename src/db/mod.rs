@@ -8,6 +8,7 @@ pub(crate) mod candidates;
 pub mod delivery;
 pub mod invitations;
 pub mod jobs;
+pub(crate) mod operators;
 pub mod retention;
 pub(crate) mod suppressions;
 pub mod tasks;

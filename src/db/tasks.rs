@@ -21,8 +21,12 @@ use sqlx::{FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::{
-    db::batches::{BatchRow, NewBatch},
+    db::{
+        audit,
+        batches::{self, BatchRow, NewBatch, Retry, RetrySelection},
+    },
     domain::{
+        access::{Actor, AuditAction},
         ids::new_task_id,
         states::{AttemptOutcome, ItemReason, ItemStatus},
     },
@@ -350,6 +354,197 @@ pub(crate) fn task_id_made_before(ago: Duration) -> String {
 
 /// The statement of [`delete_finished_tasks`].
 pub const DELETE_FINISHED_TASKS: &str = include_str!("sql/delete_finished_tasks.sql");
+
+/// Puts failed items of batch `id` back through the queue (`db::batches::retry`) and
+/// pushes their tasks, in one transaction with its audit entry; a dry run writes
+/// nothing. The API's and the CLI's retry.
+pub(crate) async fn retry_batch(
+    pool: &PgPool,
+    id: Uuid,
+    selection: &RetrySelection,
+    dry_run: bool,
+    actor: &Actor,
+) -> anyhow::Result<Retry> {
+    let mut tx = pool.begin().await?;
+    let retry = batches::retry(&mut tx, id, selection, dry_run, actor).await?;
+    if let Retry::Retried(_, tasks) = &retry {
+        let new: Vec<NewTask<'_>> = tasks
+            .iter()
+            .map(|(item_id, task_id)| NewTask {
+                task_id,
+                item_id: *item_id,
+                run_after: None,
+            })
+            .collect();
+        push(&mut tx, &new).await?;
+        tx.commit().await?;
+    }
+    Ok(retry)
+}
+
+/// How many send-invite tasks are in each state, as operators name them.
+#[derive(Debug, Clone, Copy, Default, Serialize, FromRow, utoipa::ToSchema)]
+pub(crate) struct TaskCounts {
+    /// Due now, waiting for a worker (new, or failed with attempts left).
+    pub(crate) pending: i64,
+    /// Due later (a retry's backoff, a failed task's pause).
+    pub(crate) scheduled: i64,
+    /// Taken by a worker and not finished.
+    pub(crate) running: i64,
+    /// Finished and not yet pruned (`worker.task_retention_secs`).
+    pub(crate) done: i64,
+    /// Given up on: killed, or failed with no attempt left.
+    pub(crate) dead: i64,
+}
+
+/// A worker process of the queue that sent a heartbeat lately.
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
+pub(crate) struct WorkerView {
+    pub(crate) name: String,
+    pub(crate) last_seen: DateTime<Utc>,
+    /// Tasks it has taken and not finished.
+    pub(crate) in_flight: i64,
+}
+
+/// The queue at a glance (`GET /v1/queue`, `invite-worker status`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct QueueOverview {
+    pub(crate) tasks: TaskCounts,
+    /// How long the oldest task due has waited; 0 when none is.
+    pub(crate) oldest_pending_age_secs: i64,
+    /// Workers seen within `worker.recover_after_secs`, most recent first.
+    pub(crate) workers: Vec<WorkerView>,
+    pub(crate) sent_last_minute: i64,
+}
+
+/// The queue's figures. Each state's count reads only that state's rows, through an
+/// index (`sql/queue_counts.sql`); the workers' tasks are found through apalis'
+/// `lock_by` index.
+pub(crate) async fn overview(pool: &PgPool, alive_within: Duration) -> sqlx::Result<QueueOverview> {
+    let mut conn = pool.acquire().await?;
+    let (tasks, oldest): (TaskCounts, i64) = {
+        let row = sqlx::query(include_str!("sql/queue_counts.sql"))
+            .bind(QUEUE)
+            .fetch_one(&mut *conn)
+            .await?;
+        (
+            TaskCounts::from_row(&row)?,
+            row.try_get("oldest_pending_age_secs")?,
+        )
+    };
+    let workers: Vec<WorkerView> = sqlx::query_as(include_str!("sql/queue_workers.sql"))
+        .bind(QUEUE)
+        .bind(alive_within.as_secs_f64())
+        .fetch_all(&mut *conn)
+        .await?;
+    let sent_last_minute = batches::sent_last_minute(&mut *conn).await?;
+    Ok(QueueOverview {
+        tasks,
+        oldest_pending_age_secs: oldest,
+        workers,
+        sent_last_minute,
+    })
+}
+
+/// A task apalis gave up on.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct DeadTask {
+    pub(crate) id: String,
+    /// The item it was to send, when its payload could be read.
+    pub(crate) item_id: Option<Uuid>,
+    /// `Killed` (never to run again) or `Failed` (out of attempts).
+    pub(crate) status: String,
+    pub(crate) attempts: i32,
+    /// What its last run returned, as apalis stored it.
+    #[schema(value_type = Option<Object>)]
+    pub(crate) last_result: Option<serde_json::Value>,
+    pub(crate) died_at: Option<DateTime<Utc>>,
+}
+
+/// Tasks apalis gave up on, most recently made first, at most `limit` (through the
+/// `apalis_jobs_dead` index, which holds only those).
+pub(crate) async fn dead_tasks(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<DeadTask>> {
+    type Row = (
+        String,
+        Vec<u8>,
+        String,
+        i32,
+        Option<sqlx::types::Json<serde_json::Value>>,
+        Option<DateTime<Utc>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(include_str!("sql/dead_tasks.sql"))
+        .bind(QUEUE)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, job, status, attempts, last_result, died_at)| DeadTask {
+                id,
+                // A payload that does not decode (the reason it was killed) has no item.
+                item_id: serde_json::from_slice::<SendInvite>(&job)
+                    .ok()
+                    .map(|p| p.item_id),
+                status,
+                attempts,
+                last_result: last_result.map(|j| j.0),
+                died_at,
+            },
+        )
+        .collect())
+}
+
+/// Which dead tasks to run again.
+pub(crate) enum DeadSelection {
+    All,
+    Ids(Vec<String>),
+}
+
+impl DeadSelection {
+    /// These task ids, each of which must be a ULID.
+    pub(crate) fn ids(ids: Vec<String>) -> Result<Self, String> {
+        match ids
+            .iter()
+            .position(|id| ulid::Ulid::from_string(id).is_err())
+        {
+            Some(i) => Err(format!("ids[{i}]: {:?} is not a task id (a ULID)", ids[i])),
+            None => Ok(Self::Ids(ids)),
+        }
+    }
+}
+
+/// Makes dead tasks runnable again with a fresh attempt budget, and records it in the
+/// audit log in the same transaction; returns how many. A task whose item has moved on
+/// (finished, or given a new task by maintenance) does nothing when it runs: handlers
+/// check that the item is still theirs.
+pub(crate) async fn retry_dead_tasks(
+    pool: &PgPool,
+    which: &DeadSelection,
+    actor: &Actor,
+) -> sqlx::Result<u64> {
+    let ids: Option<&[String]> = match which {
+        DeadSelection::All => None,
+        DeadSelection::Ids(ids) => Some(ids),
+    };
+    let mut tx = pool.begin().await?;
+    let retried = sqlx::query(include_str!("sql/retry_dead_tasks.sql"))
+        .bind(QUEUE)
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if retried > 0 {
+        let target = match which {
+            DeadSelection::All => "all".to_owned(),
+            DeadSelection::Ids(ids) => ids.join(","),
+        };
+        let detail = serde_json::json!({ "tasks": retried });
+        audit::record(&mut tx, actor, AuditAction::TasksRetried, &target, detail).await?;
+    }
+    tx.commit().await?;
+    Ok(retried)
+}
 
 #[cfg(test)]
 mod tests {

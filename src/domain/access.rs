@@ -131,6 +131,10 @@ audit_actions! {
     InvitationCompleted = "invitation.completed",
     InvitationRevoked = "invitation.revoked",
     SuppressionDeleted = "suppression.deleted",
+    /// Dead queue tasks were made runnable again.
+    TasksRetried = "tasks.retried",
+    OperatorAdded = "operator.added",
+    OperatorRemoved = "operator.removed",
     /// `DELETE /v1/candidates/{id}` erased a candidate's email and name.
     CandidateErased = "candidate.erased",
 }
@@ -148,9 +152,66 @@ impl FromStr for AuditAction {
     }
 }
 
+crate::domain::states::string_enum! {
+    /// What a console user may do: a `viewer` sees everything with addresses masked; an
+    /// `operator` also retries, cancels and re-enqueues, and sees full addresses.
+    OperatorRole {
+        Viewer = "viewer",
+        Operator = "operator",
+    }
+}
+
+/// An operator's name: 1 to 64 letters, digits and `.`, `_`, `@`, `-`, starting with a
+/// letter or digit (the operators table checks the same).
+pub fn check_operator_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-'));
+    if first_ok && rest_ok && name.len() <= 64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "operator name {name:?}: 1 to 64 letters, digits, '.', '_', '@' or '-', \
+             starting with a letter or digit"
+        ))
+    }
+}
+
+/// The PHC string (`$argon2id$v=19$…`) of `password` under a fresh random salt: what
+/// the operators table stores, and what a sign-in checks with [`verify_password`].
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("could not hash the password: {e}"))
+}
+
+/// True when `password` is the one `phc` (from [`hash_password`]) was made from.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(phc).is_ok_and(|parsed| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_hash_is_argon2id_salted_and_verifies_only_its_password() {
+        let a = hash_password("correct horse battery staple").expect("hashes");
+        let b = hash_password("correct horse battery staple").expect("hashes");
+        assert!(a.starts_with("$argon2id$"), "{a}");
+        assert_ne!(a, b, "each hash has its own salt");
+        assert!(verify_password("correct horse battery staple", &a));
+        assert!(!verify_password("correct horse battery stapler", &a));
+        assert!(!verify_password("anything", "not a hash"));
+    }
 
     #[test]
     fn admin_implies_every_scope_and_others_only_themselves() {

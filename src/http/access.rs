@@ -62,6 +62,9 @@ const ROUTE_SCOPES: &[(Method, &str, Scope)] = &[
         Scope::Admin,
     ),
     (Method::GET, "/v1/audit", Scope::Admin),
+    (Method::GET, "/v1/queue", Scope::Admin),
+    (Method::GET, "/v1/queue/dead", Scope::Admin),
+    (Method::POST, "/v1/queue/dead/retry", Scope::Admin),
 ];
 
 /// The scope a request to the route `pattern` with `method` needs.
@@ -212,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_route_missing_from_the_table_needs_admin() {
-        assert_eq!(required_scope(&Method::GET, "/v1/queue"), Scope::Admin);
+        assert_eq!(required_scope(&Method::GET, "/v1/webhooks"), Scope::Admin);
         assert_eq!(
             required_scope(&Method::POST, "/v1/batches"),
             Scope::BatchesWrite

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     error::{ApiError, ApiResult, Problem},
-    extract::{QueryParams, optional},
+    extract::{QueryParams, optional, page_limit},
     state::AppState,
 };
 use crate::{
@@ -43,12 +43,7 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<AuditQuery>,
 ) -> ApiResult<Json<AuditList>> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::Validation(format!(
-            "limit: must be 1 to 500 (got {limit})"
-        )));
-    }
+    let limit = page_limit(query.limit)?;
     if query
         .actor
         .as_ref()

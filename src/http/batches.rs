@@ -1,7 +1,7 @@
 //! Batches: create (one statement with the queue tasks), preview, read, list, list
 //! items, retry, cancel.
 
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
 use axum::{
     Json,
@@ -9,27 +9,31 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{
     access::Caller,
     error::{ApiError, ApiResult, Problem},
-    extract::{JsonBody, OptionalJsonBody, PathUuid, QueryParams, optional, request_id},
+    extract::{
+        JsonBody, OptionalJsonBody, PathUuid, QueryParams, optional, page_limit, request_id,
+    },
     state::AppState,
 };
 use crate::{
     config::Settings,
     db::{
         self,
-        batches::{BatchRow, Cancel, ItemView, NewBatch, NewItem, NewWarning, Retry},
-        tasks::{self, Created, NewTask},
+        batches::{
+            BatchRow, BatchView, Cancel, FailureGroup, ItemView, NewBatch, NewItem, NewWarning,
+            Retry, RetrySelection,
+        },
+        tasks::{self, Created},
     },
     domain::{
         email::CandidateEmail,
         ids::{ExternalId, new_task_id},
-        states::{BatchStatus, ItemStatus, JobStatus, OnDuplicate, WarningCode},
+        states::{BatchStatus, ItemReason, ItemStatus, JobStatus, OnDuplicate, WarningCode},
         warning::Warning,
     },
 };
@@ -58,69 +62,6 @@ pub(crate) struct CandidateInput {
     pub(crate) email: String,
     #[serde(default)]
     pub(crate) name: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub(crate) struct Counts {
-    pub(crate) pending: i32,
-    pub(crate) sent: i32,
-    pub(crate) failed: i32,
-    pub(crate) skipped: i32,
-}
-
-/// The batch resource.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub(crate) struct BatchView {
-    pub(crate) id: Uuid,
-    pub(crate) job_id: String,
-    pub(crate) duration_minutes: i32,
-    pub(crate) on_duplicate: OnDuplicate,
-    pub(crate) status: BatchStatus,
-    pub(crate) total: i32,
-    pub(crate) counts: Counts,
-    /// `"{sent} sent, {failed} failed"`, plus `", {skipped} skipped"` when any were.
-    pub(crate) summary: String,
-    pub(crate) warnings: Vec<Warning>,
-    /// The name of the API key that created the batch (`key:1`, `key:2`, … for keys
-    /// given as a plain list); null for batches created before keys had names.
-    pub(crate) created_by: Option<String>,
-    pub(crate) created_at: DateTime<Utc>,
-    pub(crate) completed_at: Option<DateTime<Utc>>,
-    pub(crate) cancelled_at: Option<DateTime<Utc>>,
-}
-
-/// The tally as people read it.
-pub(crate) fn summary(sent: i32, failed: i32, skipped: i32) -> String {
-    let mut s = format!("{sent} sent, {failed} failed");
-    if skipped > 0 {
-        s.push_str(&format!(", {skipped} skipped"));
-    }
-    s
-}
-
-impl From<BatchRow> for BatchView {
-    fn from(b: BatchRow) -> Self {
-        BatchView {
-            summary: summary(b.sent, b.failed, b.skipped),
-            counts: Counts {
-                pending: b.pending,
-                sent: b.sent,
-                failed: b.failed,
-                skipped: b.skipped,
-            },
-            id: b.id,
-            job_id: b.job_id,
-            duration_minutes: b.duration_minutes,
-            on_duplicate: b.on_duplicate,
-            status: b.status,
-            total: b.total,
-            warnings: b.warnings.0,
-            created_by: b.created_by,
-            created_at: b.created_at,
-            completed_at: b.completed_at,
-            cancelled_at: b.cancelled_at,
-        }
-    }
 }
 
 /// One candidate that passed the checks that need no database.
@@ -483,12 +424,7 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> ApiResult<Json<BatchList>> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::Validation(format!(
-            "limit: must be 1 to 500 (got {limit})"
-        )));
-    }
+    let limit = page_limit(query.limit)?;
     let rows = db::batches::list(
         &state.pool,
         query.job_id.as_ref().map(ExternalId::as_str),
@@ -501,11 +437,21 @@ pub(crate) async fn list(
     }))
 }
 
-/// `POST /v1/batches/{id}/retry` body.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// `POST /v1/batches/{id}/retry` body: every failed item (no body, or no selection),
+/// the candidates listed, or the failed items of one reason; with `dry_run`, only what
+/// a retry would do.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RetryRequest {
-    pub(crate) candidates: Vec<RetryCandidate>,
+    #[serde(default)]
+    pub(crate) candidates: Option<Vec<RetryCandidate>>,
+    /// Only the failed items with this reason: `invalid_email`, `rejected`,
+    /// `retries_exhausted` or `suppressed`.
+    #[serde(default)]
+    pub(crate) reason: Option<ItemReason>,
+    /// Answer which candidates would be retried (200 `RetryDryRun`); change nothing.
+    #[serde(default)]
+    pub(crate) dry_run: bool,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -517,28 +463,30 @@ pub(crate) struct RetryCandidate {
     pub(crate) email: Option<String>,
 }
 
-/// Puts failed items (all, or the ones listed) back through the queue.
-#[utoipa::path(post, path = "/v1/batches/{id}/retry", tag = "batches", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), request_body(content = Option<RetryRequest>, description = "Omit to retry every failed item"),
-    responses((status = 202, description = "Failed items are pending again", body = BatchView), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "not_retryable, invalid_transition", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
-pub(crate) async fn retry(
-    State(state): State<AppState>,
-    caller: Caller,
-    PathUuid(id): PathUuid,
-    OptionalJsonBody(body): OptionalJsonBody<RetryRequest>,
-) -> ApiResult<Response> {
-    let only = match body {
-        None => None,
-        Some(body) => {
-            if body.candidates.is_empty() {
+/// What a retry would do (`dry_run`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct RetryDryRun {
+    pub(crate) would_retry: usize,
+    /// In the batch's order.
+    pub(crate) candidate_ids: Vec<String>,
+}
+
+/// The items a retry request selects, checked.
+fn retry_selection(body: RetryRequest) -> ApiResult<RetrySelection> {
+    match (body.candidates, body.reason) {
+        (Some(_), Some(_)) => Err(ApiError::Validation(
+            "give either candidates or reason, not both".into(),
+        )),
+        (None, None) => Ok(RetrySelection::All),
+        (None, Some(reason)) => RetrySelection::reason(reason).map_err(ApiError::Validation),
+        (Some(candidates), None) => {
+            if candidates.is_empty() {
                 return Err(ApiError::Validation(
                     "candidates: must list at least one candidate".into(),
                 ));
             }
-            let mut list = Vec::with_capacity(body.candidates.len());
-            for (i, c) in body.candidates.into_iter().enumerate() {
+            let mut list = Vec::with_capacity(candidates.len());
+            for (i, c) in candidates.into_iter().enumerate() {
                 if let Err(why) = ExternalId::parse(&c.id) {
                     return Err(ApiError::Validation(format!("candidates[{i}].id: {why}")));
                 }
@@ -552,30 +500,47 @@ pub(crate) async fn retry(
                     email: c.email.map(|e| e.trim().to_owned()),
                 });
             }
-            Some(list)
+            Ok(RetrySelection::Candidates(list))
         }
-    };
-    let mut tx = state.pool.begin().await?;
-    match db::batches::retry(&mut tx, id, only.as_deref(), &caller.actor()).await? {
+    }
+}
+
+/// Puts failed items (all, the ones listed, or one reason's) back through the queue, in
+/// one transaction with the audit entry; with `dry_run`, only says which.
+#[utoipa::path(post, path = "/v1/batches/{id}/retry", tag = "batches", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body(content = Option<RetryRequest>, description = "Omit to retry every failed item"),
+    responses((status = 202, description = "Failed items are pending again", body = BatchView),
+        (status = 200, description = "dry_run: what a retry would do; nothing changed", body = RetryDryRun),
+        (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json"), (status = 409, description = "not_retryable, invalid_transition", body = Problem, content_type = "application/problem+json"), (status = 415, description = "unsupported_media_type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "validation_failed", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathUuid(id): PathUuid,
+    OptionalJsonBody(body): OptionalJsonBody<RetryRequest>,
+) -> ApiResult<Response> {
+    let body = body.unwrap_or_default();
+    let dry_run = body.dry_run;
+    let selection = retry_selection(body)?;
+    let retry = tasks::retry_batch(&state.pool, id, &selection, dry_run, &caller.actor())
+        .await
+        .map_err(ApiError::Internal)?;
+    match retry {
         Retry::NotFound => Err(ApiError::NotFound(format!("no batch with id {id}"))),
         Retry::Cancelled => Err(ApiError::InvalidTransition(format!(
             "batch {id} is cancelled: its items cannot be retried"
         ))),
         Retry::NotRetryable(ids) if ids.is_empty() => Err(ApiError::NotRetryable(vec![
-            "(none: the batch has no failed items)".into(),
+            "(none: the batch has no failed items to retry)".into(),
         ])),
         Retry::NotRetryable(ids) => Err(ApiError::NotRetryable(ids)),
+        Retry::DryRun(candidate_ids) => Ok(Json(RetryDryRun {
+            would_retry: candidate_ids.len(),
+            candidate_ids,
+        })
+        .into_response()),
         Retry::Retried(row, tasks) => {
-            let new: Vec<NewTask<'_>> = tasks
-                .iter()
-                .map(|(item_id, task_id)| NewTask {
-                    task_id,
-                    item_id: *item_id,
-                    run_after: None,
-                })
-                .collect();
-            tasks::push(&mut tx, &new).await?;
-            tx.commit().await?;
             tracing::info!(batch = %id, items = tasks.len(), "failed items retried");
             Ok(accepted(row.into()))
         }
@@ -593,31 +558,41 @@ pub(crate) async fn cancel(
     caller: Caller,
     PathUuid(id): PathUuid,
 ) -> ApiResult<Json<BatchView>> {
-    let actor = caller.actor();
-    let window = state.settings.smtp_timeout() + Duration::from_secs(5);
-    let deadline = tokio::time::Instant::now() + window;
-    loop {
-        match db::batches::cancel(&state.pool, id, window, &actor).await? {
-            Cancel::Cancelled(row) => {
-                tracing::info!(batch = %id, "batch cancelled");
-                return Ok(Json(row.into()));
-            }
-            Cancel::NotFound => return Err(ApiError::NotFound(format!("no batch with id {id}"))),
-            Cancel::AlreadyFinished(status) => {
-                return Err(ApiError::InvalidTransition(format!(
-                    "batch {id} is {status}: only a queued or running batch can be cancelled"
-                )));
-            }
-            Cancel::SendsInFlight if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Cancel::SendsInFlight => {
-                return Err(ApiError::Internal(anyhow::anyhow!(
-                    "sends of batch {id} stayed in flight past the cancel window"
-                )));
-            }
+    let window = state.settings.cancel_window();
+    match db::batches::cancel(&state.pool, id, window, &caller.actor()).await? {
+        Cancel::Cancelled(row) => {
+            tracing::info!(batch = %id, "batch cancelled");
+            Ok(Json(row.into()))
         }
+        Cancel::NotFound => Err(ApiError::NotFound(format!("no batch with id {id}"))),
+        Cancel::AlreadyFinished(status) => Err(ApiError::InvalidTransition(format!(
+            "batch {id} is {status}: only a queued or running batch can be cancelled"
+        ))),
+        Cancel::SendsInFlight => Err(ApiError::Internal(anyhow::anyhow!(
+            "sends of batch {id} stayed in flight past the cancel window"
+        ))),
     }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct FailureGroups {
+    /// Largest group first.
+    pub(crate) groups: Vec<FailureGroup>,
+}
+
+/// The batch's failed items grouped by reason and SMTP reply code.
+#[utoipa::path(get, path = "/v1/batches/{id}/failures", operation_id = "list_failure_groups", tag = "batches", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, description = "Failure groups, largest first; at most 20 candidate ids each", body = FailureGroups), (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"), (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"), (status = 404, description = "not_found", body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn failures(
+    State(state): State<AppState>,
+    PathUuid(id): PathUuid,
+) -> ApiResult<Json<FailureGroups>> {
+    if db::batches::get(&state.pool, id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no batch with id {id}")));
+    }
+    let groups = db::batches::failure_groups(&state.pool, id).await?;
+    Ok(Json(FailureGroups { groups }))
 }
 
 #[utoipa::path(get, path = "/v1/batches/{id}", operation_id = "get_batch", tag = "batches", security(("bearer" = [])),

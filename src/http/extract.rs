@@ -240,3 +240,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
             })
     }
 }
+
+/// A list's `limit` parameter: 1 to 500, 50 when absent.
+pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::Validation(format!(
+            "limit: must be 1 to 500 (got {limit})"
+        )));
+    }
+    Ok(limit)
+}

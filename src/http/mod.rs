@@ -2,7 +2,7 @@
 //! problem+json everywhere.
 //!
 //! Files depend one way: `router` → the resources (`attempts`, `audit`, `batches`,
-//! `candidates`, `invitations`, `jobs`, `service`, `suppressions`, `openapi`) →
+//! `candidates`, `invitations`, `jobs`, `queue`, `service`, `suppressions`, `openapi`) →
 //! `access`, `state`, `extract`, `error`.
 
 mod access;
@@ -16,6 +16,7 @@ pub mod invitations;
 pub mod jobs;
 mod limits;
 pub mod openapi;
+mod queue;
 mod router;
 mod server;
 pub mod service;

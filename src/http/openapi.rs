@@ -8,7 +8,7 @@ use utoipa::{
 };
 
 use super::{
-    attempts, audit, batches, candidates, error, invitations, jobs, service, suppressions,
+    attempts, audit, batches, candidates, error, invitations, jobs, queue, service, suppressions,
 };
 
 #[derive(OpenApi)]
@@ -25,12 +25,13 @@ use super::{
     paths(
         jobs::put_job, jobs::get_job,
         batches::create, batches::preview, batches::list, batches::get, batches::items,
-        batches::retry, batches::cancel, attempts::list,
+        batches::retry, batches::cancel, batches::failures, attempts::list,
         candidates::erase,
         invitations::list, invitations::redeem, invitations::get, invitations::complete,
         invitations::revoke,
         suppressions::list, suppressions::delete,
         audit::list,
+        queue::overview, queue::dead, queue::retry_dead,
         service::healthz, service::readyz, service::metrics, serve,
     ),
     components(schemas(error::Problem, error::ErrorCode)),
@@ -42,6 +43,7 @@ use super::{
         (name = "candidates", description = "Erasure of a candidate's personal data"),
         (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
         (name = "audit", description = "Who changed what (admin)"),
+        (name = "queue", description = "Queue figures and dead tasks (admin)"),
         (name = "service", description = "Health, readiness, metrics, this document (no auth)"),
     )
 )]
@@ -88,6 +90,7 @@ mod tests {
         ("post", "/v1/batches/{id}/cancel"),
         ("get", "/v1/batches/{id}/items/{candidate_id}/attempts"),
         ("delete", "/v1/candidates/{candidate_id}"),
+        ("get", "/v1/batches/{id}/failures"),
         ("get", "/v1/invitations"),
         ("get", "/v1/invitations/{id}"),
         ("post", "/v1/invitations/redeem"),
@@ -96,6 +99,9 @@ mod tests {
         ("get", "/v1/suppressions"),
         ("delete", "/v1/suppressions/{email}"),
         ("get", "/v1/audit"),
+        ("get", "/v1/queue"),
+        ("get", "/v1/queue/dead"),
+        ("post", "/v1/queue/dead/retry"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

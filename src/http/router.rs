@@ -24,7 +24,7 @@ use super::{
     extract::REQUEST_ID,
     invitations, jobs,
     limits::client_ip,
-    openapi, service,
+    openapi, queue, service,
     state::{AppState, Role},
     suppressions,
 };
@@ -50,6 +50,7 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/batches/{id}/retry", post(batches::retry))
             .route("/batches/{id}/cancel", post(batches::cancel))
             .route("/batches/{id}/items", get(batches::items))
+            .route("/batches/{id}/failures", get(batches::failures))
             .route(
                 "/batches/{id}/items/{candidate_id}/attempts",
                 get(attempts::list),
@@ -67,6 +68,9 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/suppressions", get(suppressions::list))
             .route("/suppressions/{email}", delete(suppressions::delete))
             .route("/audit", get(audit::list))
+            .route("/queue", get(queue::overview))
+            .route("/queue/dead", get(queue::dead))
+            .route("/queue/dead/retry", post(queue::retry_dead))
             // Each route's scope (`access::ROUTE_SCOPES`), for the caller found below.
             .route_layer(middleware::from_fn(access::authorize))
             .fallback(not_found)

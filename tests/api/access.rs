@@ -105,7 +105,22 @@ async fn a_key_without_the_routes_scope_is_forbidden_and_told_which_scope() {
         .await;
     expect_problem(r, StatusCode::NOT_FOUND, "token_invalid").await;
 
-    for path in ["/v1/suppressions", "/v1/audit"] {
+    // The failure groups are batches:read; the queue's routes need admin.
+    let r = app
+        .call_as(
+            READER,
+            Method::GET,
+            "/v1/batches/00000000-0000-7000-8000-000000000000/failures",
+            None,
+        )
+        .await;
+    expect_problem(r, StatusCode::NOT_FOUND, "not_found").await;
+    for path in [
+        "/v1/suppressions",
+        "/v1/audit",
+        "/v1/queue",
+        "/v1/queue/dead",
+    ] {
         let r = app.call_as(WRITER, Method::GET, path, None).await;
         let problem = expect_problem(r, StatusCode::FORBIDDEN, "forbidden").await;
         assert!(

@@ -13,6 +13,8 @@ mod helpers;
 mod lifecycle;
 mod main_path;
 mod openapi;
+mod operations;
+mod operator_cli;
 mod plans;
 mod privacy;
 mod process;
