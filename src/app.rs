@@ -80,6 +80,12 @@ pub async fn start(
         }))
     };
 
+    // Every role serves /metrics, so every role publishes the queue gauges.
+    tokio::spawn({
+        let (pool, settings, stop) = (pool.clone(), settings.clone(), shutdown.clone());
+        async move { queue::gauges::run(pool, &settings, stop).await }
+    });
+
     let state = AppState::new(pool.clone(), settings.clone(), role);
     let router = http::router(state);
     let served = router.clone();

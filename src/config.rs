@@ -36,6 +36,15 @@ pub struct Settings {
     pub dkim: DkimSettings,
     pub retention: RetentionSettings,
     pub limits: LimitsSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// `/metrics` (see `queue::gauges`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// How often the queue gauges are recomputed (by one process) and republished.
+    pub refresh_secs: u64,
 }
 
 /// How long personal and request data is kept (see `queue::retention`).
@@ -374,6 +383,9 @@ impl Settings {
         }
         if !(1..=1_000_000).contains(&self.limits.redeems_per_minute) {
             return fail("limits.redeems_per_minute", "must be 1 to 1000000");
+        }
+        if !(1..=15).contains(&self.metrics.refresh_secs) {
+            return fail("metrics.refresh_secs", "must be 1 to 15");
         }
         if self.api.keys.is_empty() {
             return fail("api.keys", "must list at least one key");

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod batches;
 pub(crate) mod candidates;
 pub mod delivery;
+pub mod gauges;
 pub mod invitations;
 pub mod jobs;
 pub(crate) mod operators;

@@ -203,6 +203,7 @@ impl Deliverer {
         {
             let pause =
                 retry_hint(reply).unwrap_or_else(|| retry_delay(&self.settings.retry, attempt));
+            metrics::counter!("invite_smtp_throttled_total").increment(1);
             tracing::warn!(%domain, pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
                 "the mail server throttles this domain: pausing it");
             self.domains.pause(&domain, pause);

@@ -9,6 +9,7 @@
 //! restart.
 
 pub mod deliver;
+pub mod gauges;
 pub mod group;
 pub mod maintenance;
 pub mod prepare;

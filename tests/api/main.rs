@@ -12,6 +12,7 @@ mod harness;
 mod helpers;
 mod lifecycle;
 mod main_path;
+mod metrics;
 mod openapi;
 mod operations;
 mod operator_cli;
