@@ -47,8 +47,8 @@ impl Limits {
         }
     }
 
-    /// 429 when `client` spent its budget of failed authentications: checked before a
-    /// presented key is looked at.
+    /// 429 when `client` spent its budget of failed authentications: checked when the
+    /// key it presented is wrong.
     pub(crate) fn refuse_if_blocked(&self, client: IpAddr) -> Result<(), ApiError> {
         self.sweep();
         let until = lock(&self.blocked).get(&client).copied();

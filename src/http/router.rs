@@ -155,11 +155,15 @@ async fn require_bearer(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let client = client_ip(&request);
-    state.limits.refuse_if_blocked(client)?;
     let key = access::bearer_token(request.headers())
         .and_then(|presented| access::authenticate(&state.settings.api.keys, presented));
     let Some(key) = key else {
+        // A client past its budget of failures gets 429 for every wrong key; a right
+        // key still works, so clients behind one proxy address cannot be locked out by
+        // a stranger's guesses (keys are 24+ random characters: the limit is there to
+        // bound the noise, not to protect weak keys).
+        let client = client_ip(&request);
+        state.limits.refuse_if_blocked(client)?;
         return Err(state.limits.auth_failed(client));
     };
     tracing::Span::current().record("key", tracing::field::display(&key.name));

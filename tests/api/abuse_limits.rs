@@ -247,7 +247,7 @@ async fn redeems_above_the_per_minute_limit_are_429_with_retry_after() {
 }
 
 #[tokio::test]
-async fn after_too_many_failed_keys_every_v1_request_from_that_address_is_429_and_logged() {
+async fn after_too_many_failed_keys_wrong_keys_from_that_address_get_429_and_are_logged() {
     let secret_guess = "guess-7c1e0f3a9b";
     let mut app = prepare_app_with(|_| {}).await;
     let mut api = Service::new("api", &app.settings)
@@ -276,10 +276,10 @@ async fn after_too_many_failed_keys_every_v1_request_from_that_address_is_429_an
     assert!(r.headers().contains_key("retry-after"));
     expect_problem(r, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
 
-    // While the address is over its budget a right key is not even looked at, so a
-    // guess cannot be told right or wrong.
+    // While the address is over its budget, a right key still works: clients behind
+    // one proxy address cannot be locked out by a stranger's wrong guesses.
     let r = app.get("/v1/batches").await;
-    expect_problem(r, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    assert_eq!(r.status(), StatusCode::OK);
     // The service routes need no key and stay open.
     let r = app
         .client
@@ -303,7 +303,7 @@ async fn after_too_many_failed_keys_every_v1_request_from_that_address_is_429_an
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("rate limited"))
         .count();
-    assert_eq!(limited, 2, "every 429 is logged at WARN: {log}");
+    assert_eq!(limited, 1, "every 429 is logged at WARN: {log}");
     assert!(
         !log.contains(secret_guess),
         "the presented secret is never logged"
