@@ -456,6 +456,10 @@ pub(crate) async fn retry(
             .map(|(i, c, ..)| (*i, c.as_str(), None))
             .collect(),
     };
+    // An item chosen twice (a repeated candidate id) is retried, and counted, once.
+    let mut chosen = chosen;
+    let mut seen = std::collections::HashSet::new();
+    chosen.retain(|(item, ..)| seen.insert(*item));
     if dry_run {
         return Ok(Retry::DryRun(
             chosen.iter().map(|(_, c, _)| (*c).to_owned()).collect(),

@@ -500,6 +500,19 @@ fn retry_selection(body: RetryRequest) -> ApiResult<RetrySelection> {
                     email: c.email.map(|e| e.trim().to_owned()),
                 });
             }
+            // Each item is retried once: a repeated id would count it twice.
+            let mut seen = std::collections::HashSet::new();
+            let mut repeated: Vec<String> = Vec::new();
+            for item in &list {
+                if !seen.insert(item.candidate_id.as_str())
+                    && !repeated.contains(&item.candidate_id)
+                {
+                    repeated.push(item.candidate_id.clone());
+                }
+            }
+            if !repeated.is_empty() {
+                return Err(ApiError::DuplicateCandidates(repeated));
+            }
             Ok(RetrySelection::Candidates(list))
         }
     }

@@ -665,6 +665,48 @@ async fn the_retry_route_takes_only_json_and_ids_of_the_contract() {
 }
 
 #[tokio::test]
+async fn a_retry_that_names_a_candidate_twice_is_refused_and_changes_nothing() {
+    let app = spawn_app().await;
+    app.open_job("job-1").await;
+    let id = app
+        .create_batch_with(json!({"job_id": "job-1", "duration_minutes": 30,
+            "candidates": [{"id": "c-1", "email": "not-an-address"},
+                           {"id": "c-2", "email": "also-not-one"}]}))
+        .await;
+    app.wait_until_completed(&id).await;
+    let twice = json!({"candidates": [{"id": "c-1", "email": "ada@example.com"},
+                                      {"id": "c-1", "email": "ada@example.com"}]});
+    let r = app
+        .post_json(&format!("/v1/batches/{id}/retry"), &twice)
+        .await;
+    let problem = expect_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "duplicate_candidates").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("c-1")),
+        "{problem}"
+    );
+    let batch = app.batch(&id).await;
+    assert_eq!(batch["status"], "completed");
+    assert_eq!(
+        batch["counts"],
+        json!({"pending": 0, "sent": 0, "failed": 2, "skipped": 0})
+    );
+
+    // Once each, the retry goes through and the tally ends exact.
+    let once = json!({"candidates": [{"id": "c-1", "email": "ada@example.com"}]});
+    let r = app
+        .post_json(&format!("/v1/batches/{id}/retry"), &once)
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let batch = app.wait_until_completed(&id).await;
+    assert_eq!(
+        batch["counts"],
+        json!({"pending": 0, "sent": 1, "failed": 1, "skipped": 0})
+    );
+}
+
+#[tokio::test]
 async fn ids_and_names_with_sql_or_html_are_stored_and_returned_verbatim() {
     let app = spawn_app().await;
     let title = "Engineer'); DROP TABLE jobs;-- <script>alert(1)</script> & \"quotes\"";
