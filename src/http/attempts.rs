@@ -2,7 +2,7 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
 };
 use serde::Serialize;
 use uuid::Uuid;
@@ -11,7 +11,10 @@ use super::{
     error::{ApiError, ApiResult, Problem},
     state::AppState,
 };
-use crate::db::{self, attempts::Attempt};
+use crate::{
+    db::{self, attempts::Attempt},
+    domain::ids::ExternalId,
+};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct AttemptList {
@@ -30,14 +33,20 @@ pub(crate) struct AttemptList {
         (status = 404, description = "not_found: no such batch, or no such candidate in it", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    Path((raw_batch, candidate_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Json<AttemptList>> {
+    // A path that is not UTF-8 once decoded (`%ff`) names no item.
+    let Path((raw_batch, candidate_id)) = path
+        .map_err(|_| ApiError::NotFound("no such resource: the path is not valid UTF-8".into()))?;
     let not_found = || {
         ApiError::NotFound(format!(
             "no item of candidate {candidate_id:?} in batch {raw_batch:?}"
         ))
     };
     let batch_id = Uuid::parse_str(&raw_batch).map_err(|_| not_found())?;
+    // No stored candidate id holds a NUL or a control character: such an id names no
+    // item (and PostgreSQL text could not hold the NUL to look it up).
+    ExternalId::parse(&candidate_id).map_err(|_| not_found())?;
     let mut conn = state.pool.acquire().await?;
     db::attempts::of_item(&mut conn, batch_id, &candidate_id)
         .await?

@@ -2,15 +2,13 @@
 
 use std::time::Duration;
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use serde::Serialize;
 
 use super::{
     access::Caller,
     error::{ApiError, ApiResult, Problem},
+    extract::PathText,
     state::AppState,
 };
 use crate::{
@@ -39,7 +37,7 @@ pub(crate) struct Erased {
 pub(crate) async fn erase(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw_id): Path<String>,
+    PathText(raw_id): PathText,
 ) -> ApiResult<Json<Erased>> {
     let id = ExternalId::parse(&raw_id).map_err(|why| {
         ApiError::NotFound(format!(

@@ -286,6 +286,13 @@ fn nul_and_non_utf8_bytes_in_paths_headers_and_json_strings_never_get_a_5xx() {
         1 => Just((Method::GET, "/v1/suppressions?limit={}", 2)),
         1 => Just((Method::GET, "/{}", 2)),
         1 => Just((Method::GET, "/healthz/{}", 2)),
+        1 => Just((Method::GET, "/v1/batches/{}/items/{}/attempts", 2)),
+        1 => Just((Method::GET, "/v1/batches/00000000-0000-7000-8000-000000000000/items/{}/attempts?x={}", 2)),
+        1 => Just((Method::GET, "/v1/batches/{}/failures", 2)),
+        1 => Just((Method::DELETE, "/v1/candidates/{}", 2)),
+        1 => Just((Method::GET, "/v1/audit?actor={}&action={}", 2)),
+        1 => Just((Method::GET, "/v1/queue/dead?limit={}", 2)),
+        1 => Just((Method::POST, "/v1/queue/dead/retry", 2)),
     ];
     // Bodies shaped like the real ones, with hostile bytes in their strings; each
     // route sends the shape it takes.
