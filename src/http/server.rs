@@ -80,6 +80,9 @@ pub(crate) async fn serve(
         let conn = hyper::server::conn::http1::Builder::new()
             // The head and idle deadlines are [`Deadline`]'s.
             .header_read_timeout(None)
+            // A head must fit in 64 KiB (hyper's default lets each connection buffer
+            // ~400 KiB: 1,024 connections with unfinished heads held ~400 MB).
+            .max_buf_size(64 * 1024)
             .serve_connection(io, service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

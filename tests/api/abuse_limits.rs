@@ -330,3 +330,33 @@ async fn a_work_process_serves_only_health_readiness_and_metrics() {
         assert_eq!(problem["status"], json!(404));
     }
 }
+
+#[tokio::test]
+async fn a_request_head_larger_than_64_kib_is_refused_and_the_connection_closed() {
+    let app = spawn_app_with(|_| {}).await;
+    // Within the limit, a large header is fine.
+    let mut fits = connect(&app.base).await;
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(48 * 1024)
+    );
+    fits.write_all(head.as_bytes()).await.expect("write");
+    let (head, _) = read_response(&mut fits).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Past it, the connection is answered 431 and closed without buffering the rest
+    // (hyper's default buffer is ~400 KiB per connection).
+    let mut large = connect(&app.base).await;
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let _ = large.write_all(head.as_bytes()).await; // may be cut mid-way
+    let (answer, _) = closed_within(&mut large, Duration::from_secs(5))
+        .await
+        .expect("the connection is closed");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+}
