@@ -85,7 +85,8 @@ suppressed AS (
    SELECT DISTINCT ON (lower(btrim(t.suppress))) lower(btrim(t.suppress)),
           coalesce(t.last_error, ''), t.id
      FROM t
-    WHERE t.suppress IS NOT NULL
+     JOIN applied a ON a.id = t.id      -- only outcomes that were applied: not an item
+    WHERE t.suppress IS NOT NULL        -- erased or finished meanwhile
    ON CONFLICT (email) DO NOTHING),
 finished AS (
    UPDATE apalis.jobs
