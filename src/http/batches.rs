@@ -581,8 +581,11 @@ pub(crate) async fn cancel(
         Cancel::AlreadyFinished(status) => Err(ApiError::InvalidTransition(format!(
             "batch {id} is {status}: only a queued or running batch can be cancelled"
         ))),
-        Cancel::SendsInFlight => Err(ApiError::Internal(anyhow::anyhow!(
-            "sends of batch {id} stayed in flight past the cancel window"
+        // A send still marked on its way past every timeout: its worker died mid-send
+        // (maintenance frees the item within minutes). Nothing was changed.
+        Cancel::SendsInFlight => Err(ApiError::InvalidTransition(format!(
+            "a send of batch {id} is still on its way (its worker may have stopped \
+             mid-send); nothing was cancelled: try again in a few minutes"
         ))),
     }
 }

@@ -33,7 +33,8 @@ pub(crate) struct Erased {
     responses((status = 200, description = "Erased", body = Erased),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "forbidden", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "not_found: no item ever had this candidate id", body = Problem, content_type = "application/problem+json")))]
+        (status = 404, description = "not_found: no item ever had this candidate id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "invalid_transition: a send to the candidate is still on its way; nothing was erased", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn erase(
     State(state): State<AppState>,
     caller: Caller,
@@ -72,9 +73,11 @@ pub(crate) async fn erase(
                 tx.rollback().await?;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            // As for a cancel: a worker died mid-send; nothing was erased.
             Erasure::SendsInFlight => {
-                return Err(ApiError::Internal(anyhow::anyhow!(
-                    "sends to candidate {id} stayed in flight past the erasure window"
+                return Err(ApiError::InvalidTransition(format!(
+                    "a send to candidate {id} is still on its way (its worker may have \
+                     stopped mid-send); nothing was erased: try again in a few minutes"
                 )));
             }
         }

@@ -192,3 +192,66 @@ async fn erasure_forgets_the_candidate_everywhere_revokes_links_and_keeps_tallie
     )
     .await;
 }
+
+/// A cancel or an erasure waits for a send on its way (`sending_at`) up to the send
+/// timeout + 5 s. If sends of the item keep starting all that time, it answers 409 and
+/// changes nothing (it was a 500).
+#[tokio::test]
+async fn sends_still_starting_past_the_wait_make_cancel_and_erasure_409_with_no_change() {
+    let mut app = crate::helpers::prepare_app_with(|_| {}).await;
+    // The wait is smtp.timeout_secs + 5 s: 6 s here.
+    let mut api = crate::process::Service::new("api", &app.settings)
+        .env("INVITES_SMTP__TIMEOUT_SECS", "1")
+        .start("api");
+    api.wait_ready(Duration::from_secs(30)).await;
+    app.base = api.base();
+    app.open_job("job-d").await;
+    let id = app
+        .create_batch("job-d", crate::helpers::candidates("d", 2))
+        .await;
+    let batch_id = uuid::Uuid::parse_str(&id).expect("a uuid");
+    // A send of d-0 starts (stamped as phase 1 stamps it), and again and again.
+    let stamp = "UPDATE batch_items SET sending_at = now()
+                  WHERE batch_id = $1 AND candidate_id = 'd-0'";
+    sqlx::query(stamp)
+        .bind(batch_id)
+        .execute(&app.pool)
+        .await
+        .expect("stamp a send");
+    let (pool, stop) = (
+        app.pool.clone(),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let stamping = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query(stamp)
+                    .bind(batch_id)
+                    .execute(&pool)
+                    .await
+                    .expect("stamp a send");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+
+    let cancel_path = format!("/v1/batches/{id}/cancel");
+    let (erased, cancelled) = tokio::join!(erase(&app, "d-0"), app.post_empty(&cancel_path));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stamping.await.expect("the stamping task");
+    expect_problem(erased, StatusCode::CONFLICT, "invalid_transition").await;
+    expect_problem(cancelled, StatusCode::CONFLICT, "invalid_transition").await;
+
+    let batch = app.batch(&id).await;
+    assert_eq!(batch["status"], "queued");
+    assert_eq!(
+        batch["counts"],
+        json!({"pending": 2, "sent": 0, "failed": 0, "skipped": 0})
+    );
+    assert!(
+        !rows_holding(&app, "d.0@example.com").await.is_empty(),
+        "nothing was erased"
+    );
+    api.kill();
+}
