@@ -69,6 +69,12 @@ const ROUTE_SCOPES: &[(Method, &str, Scope)] = &[
 
 /// The scope a request to the route `pattern` with `method` needs.
 pub(crate) fn required_scope(method: &Method, pattern: &str) -> Scope {
+    // axum answers HEAD with the GET handler: it needs what GET needs.
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     ROUTE_SCOPES
         .iter()
         .find(|(m, p, _)| m == method && *p == pattern)
@@ -216,6 +222,11 @@ mod tests {
     #[test]
     fn a_route_missing_from_the_table_needs_admin() {
         assert_eq!(required_scope(&Method::GET, "/v1/webhooks"), Scope::Admin);
+        assert_eq!(
+            required_scope(&Method::HEAD, "/v1/batches"),
+            Scope::BatchesRead,
+            "HEAD needs what GET needs"
+        );
         assert_eq!(
             required_scope(&Method::POST, "/v1/batches"),
             Scope::BatchesWrite
