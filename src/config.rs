@@ -37,6 +37,19 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub limits: LimitsSettings,
     pub metrics: MetricsSettings,
+    pub console: ConsoleSettings,
+}
+
+/// The operators' web console at `/console` (see `http::console`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Served by `serve` and `api`; false serves no `/console` route at all.
+    pub enabled: bool,
+    /// A signed-in session ends this long after sign-in.
+    pub session_hours: u32,
+    /// Session cookies without `Secure`, for plain-HTTP use on one's own machine.
+    pub insecure_cookie: bool,
 }
 
 /// `/metrics` (see `queue::gauges`).
@@ -386,6 +399,9 @@ impl Settings {
         }
         if !(1..=15).contains(&self.metrics.refresh_secs) {
             return fail("metrics.refresh_secs", "must be 1 to 15");
+        }
+        if !(1..=720).contains(&self.console.session_hours) {
+            return fail("console.session_hours", "must be 1 to 720");
         }
         if self.api.keys.is_empty() {
             return fail("api.keys", "must list at least one key");

@@ -3,13 +3,15 @@
 //!
 //! Files depend one way: `router` → the resources (`attempts`, `audit`, `batches`,
 //! `candidates`, `invitations`, `jobs`, `queue`, `service`, `suppressions`, `openapi`) →
-//! `access`, `state`, `extract`, `error`.
+//! `access`, `state`, `extract`, `error`. The operators' web console (`console`) sits
+//! beside the resources, over `limits`, `state` and `error`.
 
 mod access;
 mod attempts;
 mod audit;
 pub mod batches;
 mod candidates;
+mod console;
 pub mod error;
 pub mod extract;
 pub mod invitations;

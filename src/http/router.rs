@@ -19,7 +19,7 @@ use tower_http::{
 
 use super::{
     access::{self, Caller},
-    attempts, audit, batches, candidates,
+    attempts, audit, batches, candidates, console,
     error::ApiError,
     extract::REQUEST_ID,
     invitations, jobs,
@@ -81,7 +81,15 @@ pub(crate) fn router(state: AppState) -> Router {
                 state.clone(),
                 require_bearer,
             ));
-        service.nest("/v1", v1)
+        let app = service.nest("/v1", v1);
+        if state.settings.console.enabled {
+            app.nest("/console", console::router()).route(
+                "/console/",
+                get(|| async { axum::response::Redirect::to("/console") }),
+            )
+        } else {
+            app
+        }
     };
     let request_timeout = state.settings.http.request_timeout();
     app.fallback(not_found)
