@@ -2,7 +2,7 @@
 //! problem+json everywhere.
 //!
 //! Files depend one way: `router` → the resources (`attempts`, `audit`, `batches`,
-//! `candidates`, `invitations`, `jobs`, `queue`, `service`, `suppressions`, `openapi`) →
+//! `candidates`, `invitations`, `jobs`, `queue`, `service`, `suppressions`, `webhooks`, `openapi`) →
 //! `access`, `state`, `extract`, `error`.
 
 mod access;
@@ -22,6 +22,7 @@ mod server;
 pub mod service;
 mod state;
 mod suppressions;
+mod webhooks;
 
 pub(crate) use router::router;
 pub(crate) use server::serve;
