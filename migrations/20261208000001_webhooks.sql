@@ -200,3 +200,9 @@ BEGIN
     RETURN msg;
 END
 $$;
+
+-- A worker process acting on its own is an actor too: `worker:<name>` disables an
+-- endpoint that answered 410 Gone.
+ALTER TABLE audit_log DROP CONSTRAINT audit_log_actor_check;
+ALTER TABLE audit_log ADD CONSTRAINT audit_log_actor_check
+    CHECK (actor ~ '^(key|operator|cli|worker):.+');
