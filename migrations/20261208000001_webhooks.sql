@@ -74,11 +74,15 @@ CREATE TABLE webhook_attempts (
 );
 
 -- The link sweep (queue::maintenance) stores EXPIRED, so `invitation.expired` is sent
--- once: PENDING -> EXPIRED when expires_at has passed.
+-- once: PENDING -> EXPIRED when expires_at has passed after the link was sent. (A link
+-- not sent yet belongs to an item still being retried: its expiry restarts when it is
+-- sent, so the sweep leaves it alone. Its index says so too, which also keeps the
+-- revoke of record_outcomes, `status = 'PENDING'` by id, off this index.)
 ALTER TABLE invitations DROP CONSTRAINT invitations_status_check;
 ALTER TABLE invitations ADD CONSTRAINT invitations_status_check
     CHECK (status IN ('PENDING', 'IN_PROGRESS', 'COMPLETED', 'REVOKED', 'EXPIRED'));
-CREATE INDEX invitations_pending_expiry ON invitations (expires_at) WHERE status = 'PENDING';
+CREATE INDEX invitations_sent_expiry ON invitations (expires_at)
+    WHERE status = 'PENDING' AND sent_at IS NOT NULL;
 
 -- A `webhook-id`: `msg_` and a ULID (48-bit milliseconds, 80 random bits, Crockford
 -- base32), so ids sort by creation time.

@@ -340,7 +340,8 @@ pub(crate) async fn emit_invitation(
     Ok(())
 }
 
-/// Marks up to `limit` PENDING links past their `expires_at` as EXPIRED, each with its
+/// Marks up to `limit` sent PENDING links past their `expires_at` as EXPIRED (a link
+/// not sent yet expires from when it is sent), each with its
 /// `invitation.expired` event, in one transaction; `None` when another process is
 /// sweeping (the advisory lock [`SWEEP_LOCK_KEY`]).
 pub async fn expire_invitations(pool: &PgPool, limit: i64) -> sqlx::Result<Option<u64>> {
@@ -355,7 +356,7 @@ pub async fn expire_invitations(pool: &PgPool, limit: i64) -> sqlx::Result<Optio
     let (expired, _events): (i64, i64) = sqlx::query_as(
         "WITH due AS (
             SELECT id FROM invitations
-             WHERE status = 'PENDING' AND expires_at <= now()
+             WHERE status = 'PENDING' AND sent_at IS NOT NULL AND expires_at <= now()
              ORDER BY expires_at
              LIMIT $1
                FOR NO KEY UPDATE SKIP LOCKED),
