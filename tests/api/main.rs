@@ -29,3 +29,4 @@ mod smtp_tls;
 mod suppression;
 mod throttling;
 mod untrusted_input;
+mod webhooks;
