@@ -107,10 +107,20 @@ impl Mailer {
     /// half-finished connection in the pool for the next send to trip over; an exchange
     /// that outlasts `smtp.timeout_secs` is dropped with its connection.
     pub async fn send(&self, key: &str, message: &Message) -> Result<(), SendError> {
+        self.until_ready().await;
         self.send_for_reply(key, message).await.map(|_reply| ())
     }
 
-    /// As [`Mailer::send`], answering the server's reply to the message
+    /// Waits until the rate limit (`mail.rate_per_second`) lets one more message go,
+    /// and takes its place. A delivery waits here before its attempt is stamped as on
+    /// its way, so a cancel or an erasure never waits for a message that is only
+    /// queued behind the rate limit.
+    pub(crate) async fn until_ready(&self) {
+        self.limiter.until_ready().await;
+    }
+
+    /// As [`Mailer::send`], without waiting for the rate limit (the caller has, with
+    /// [`Mailer::until_ready`]), answering the server's reply to the message
     /// (`250 2.0.0 Ok: queued as …`; none for the file transport), for the attempt
     /// history.
     pub(crate) async fn send_for_reply(
@@ -118,7 +128,6 @@ impl Mailer {
         key: &str,
         message: &Message,
     ) -> Result<Option<String>, SendError> {
-        self.limiter.until_ready().await;
         let signed;
         let message = match &self.dkim {
             Some(dkim) => {

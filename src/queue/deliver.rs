@@ -59,6 +59,15 @@ const DOMAIN_PLACE_WAIT: Duration = Duration::from_secs(1);
 /// places stayed taken for all of [`DOMAIN_PLACE_WAIT`].
 const BUSY_DOMAIN_DEFER: Duration = Duration::from_secs(1);
 
+/// How long after phase 1 stamped an attempt as on its way (`sending_at`) its send may
+/// still start; later, the item is deferred instead (unsent, the attempt given back).
+/// A cancel or an erasure waits for a send on its way for `smtp.timeout_secs` + 5 s
+/// after that stamp ([`crate::config::Settings::cancel_window`]): a send that starts
+/// within this budget has ended (the exchange is bounded by `smtp.timeout_secs`) before
+/// that wait gives up, with time left to write its outcome. Only a wait for an
+/// in-flight permit or a domain place can use it up (a server that stalls every send).
+const SEND_START_BUDGET: Duration = Duration::from_secs(2);
+
 /// The most items prepared, or outcomes recorded, in one transaction.
 const MAX_GROUP: usize = 128;
 
@@ -116,9 +125,15 @@ impl Deliverer {
             item_id,
             task_id: task_id.clone(),
         };
+        // The rate limit before phase 1: phase 1 stamps the attempt as on its way
+        // (`sending_at`), which a cancel or an erasure waits for, and a message queued
+        // behind a low `mail.rate_per_second` is not on its way yet. (A place taken by
+        // an item that then ends unsent is not given back: the rate is a ceiling.)
         let started = Instant::now();
+        self.mailer.until_ready().await;
+        let stamped = phase_done("rate", started);
         let prepared = self.preparer.submit(prepare).await?;
-        let started = phase_done("prepare", started);
+        let started = phase_done("prepare", stamped);
         // What the attempt does: send with this invitation, or end the item unsent.
         let (item, attempt, action) = match prepared {
             Prepared::NothingToDo => {
@@ -156,8 +171,13 @@ impl Deliverer {
         let started = phase_done("wait", started);
         let result = match action {
             Ok(invitation_id) => {
-                self.send_unless_domain_waits(&item, invitation_id, &task_id, attempt, started)
-                    .await
+                let attempt = SendAttempt {
+                    invitation_id,
+                    task_id: &task_id,
+                    attempt,
+                    stamped,
+                };
+                self.send_unless_domain_waits(&item, attempt, started).await
             }
             Err(not_sent) => not_sent,
         };
@@ -172,17 +192,22 @@ impl Deliverer {
     }
 
     /// Phase 2 through the recipient domain's gate: sends when the domain has a place
-    /// and is not paused, else defers the item (no send, the attempt given back). A
-    /// throttling reply pauses the domain before its place is released, so a send
+    /// and is not paused, else defers the item (no send, the attempt given back); also
+    /// defers it when the send could not start within [`SEND_START_BUDGET`] of phase 1.
+    /// A throttling reply pauses the domain before its place is released, so a send
     /// waiting for the place sees the pause.
     async fn send_unless_domain_waits(
         &self,
         item: &PreparedItem,
-        invitation_id: Uuid,
-        task_id: &str,
-        attempt: i32,
+        send: SendAttempt<'_>,
         started: Instant,
     ) -> Attempted {
+        let SendAttempt {
+            invitation_id,
+            task_id,
+            attempt,
+            stamped,
+        } = send;
         let domain = domain_of(&item.email);
         let place = match self.domains.enter(&domain, DOMAIN_PLACE_WAIT).await {
             Entry::Go(place) => place,
@@ -193,6 +218,13 @@ impl Deliverer {
                 };
             }
         };
+        if stamped.elapsed() > SEND_START_BUDGET {
+            tracing::warn!(task = %task_id, item = %item.id,
+                "the send could not start soon enough after it was stamped as on its way; deferred");
+            return Attempted::Deferred {
+                after: BUSY_DOMAIN_DEFER,
+            };
+        }
         let span = tracing::info_span!("send", task = %task_id, item = %item.id,
             batch = %item.batch_id,
             request_id = %item.request_id.as_deref().unwrap_or_default());
@@ -298,6 +330,15 @@ impl Deliverer {
     fn secret(&self) -> &[u8] {
         self.settings.invite.token_secret.expose().as_bytes()
     }
+}
+
+/// What phase 1 decided to send, for phase 2.
+struct SendAttempt<'a> {
+    invitation_id: Uuid,
+    task_id: &'a str,
+    attempt: i32,
+    /// No later than the moment phase 1 stamped the attempt as on its way.
+    stamped: Instant,
 }
 
 /// How many messages may be in flight at once (`Deliverer::in_flight`).

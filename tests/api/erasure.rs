@@ -255,3 +255,65 @@ async fn sends_still_starting_past_the_wait_make_cancel_and_erasure_409_with_no_
     );
     api.kill();
 }
+
+/// A message queued behind a low `mail.rate_per_second` is not on its way yet: an
+/// erasure answered while it waits is never followed by a send to the candidate. (The
+/// attempt used to be stamped as on its way before the rate limit; once that stamp
+/// was older than the erasure's wait, the erasure went through and the message left
+/// afterwards, to the erased address.)
+#[tokio::test]
+async fn an_erasure_answered_while_sends_wait_for_the_rate_limit_is_never_followed_by_a_send() {
+    let mut app = spawn_app_with(|s| {
+        // Long enough for a clean stop to let every waiting task end.
+        s.worker.shutdown_timeout_secs = 60;
+        // One message a second; an erasure waits smtp.timeout_secs + 5 s = 6 s for a
+        // send on its way.
+        s.mail.rate_per_second = 1;
+        s.smtp.timeout_secs = 1;
+        // Every item past its domain's gate at once: they all queue at the rate limit.
+        s.mail.per_domain_concurrency = 32;
+    })
+    .await;
+    app.open_job("job-r").await;
+    let id = app
+        .create_batch("job-r", crate::helpers::candidates("r", 12))
+        .await;
+    // Eight messages out: seven seconds on, longer than the erasure's wait.
+    app.smtp.wait_for_messages(8, Duration::from_secs(60)).await;
+    let waiting: Vec<(String, String)> = sqlx::query_as(
+        "SELECT candidate_id, email FROM batch_items
+          WHERE batch_id = $1 AND status = 'pending' ORDER BY candidate_id",
+    )
+    .bind(uuid::Uuid::parse_str(&id).expect("a uuid"))
+    .fetch_all(&app.pool)
+    .await
+    .expect("the pending items");
+    assert!(
+        waiting.len() >= 2,
+        "items still wait for the rate limit: {waiting:?}"
+    );
+
+    // Each erased while the others wait; one may be on its way, and is waited for.
+    let mut answered = Vec::new();
+    for (candidate, email) in &waiting {
+        let erased = erase(&app, candidate).await;
+        assert_eq!(erased.status(), StatusCode::OK);
+        answered.push((candidate, email, app.smtp.attempts(email)));
+    }
+    let batch = app.wait_until_completed(&id).await;
+    assert_counts_add_up(&batch);
+    // The batch is complete; a clean stop lets every task still running end (a send
+    // that would follow an erasure included) before the server's count is read.
+    app.stop().await;
+    for (candidate, email, sends_when_answered) in answered {
+        assert_eq!(
+            app.smtp.attempts(email),
+            sends_when_answered,
+            "a message to {candidate} left after the erasure answered"
+        );
+        assert!(
+            rows_holding(&app, email).await.is_empty(),
+            "the erased address is gone"
+        );
+    }
+}
