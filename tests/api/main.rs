@@ -4,6 +4,7 @@
 mod abuse_limits;
 mod access;
 mod attempts;
+mod console_browser;
 mod delivery;
 mod dkim;
 mod erasure;
