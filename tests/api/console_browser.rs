@@ -453,12 +453,7 @@ impl Console {
             }
         }
 
-        for (name, role) in [(OPERATOR.0, "operator"), (VIEWER.0, "viewer")] {
-            let password = if name == OPERATOR.0 {
-                OPERATOR.1
-            } else {
-                VIEWER.1
-            };
+        for ((name, password), role) in [(OPERATOR, "operator"), (VIEWER, "viewer")] {
             cli_with_stdin(
                 &app.settings,
                 &["operators", "add", name, "--role", role, "--password-stdin"],
