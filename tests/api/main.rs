@@ -4,6 +4,7 @@
 mod abuse_limits;
 mod access;
 mod attempts;
+mod console;
 mod console_browser;
 mod delivery;
 mod dkim;
@@ -29,3 +30,4 @@ mod smtp_tls;
 mod suppression;
 mod throttling;
 mod untrusted_input;
+mod webhooks;
