@@ -5,6 +5,7 @@ mod abuse_limits;
 mod access;
 mod attempts;
 mod console;
+mod console_browser;
 mod delivery;
 mod dkim;
 mod erasure;

@@ -181,7 +181,7 @@ async fn a_retry_by_reason_puts_back_only_that_reasons_items_and_is_audited() {
 
 /// Writes a send-invite task of the app's queue straight into apalis' table, with a
 /// payload no handler can read: the worker kills it, a real dead task.
-async fn push_undecodable_task(app: &TestApp, id: &str) {
+pub(crate) async fn push_undecodable_task(app: &TestApp, id: &str) {
     sqlx::query(
         "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at)
          VALUES ('not json'::bytea, $1, $2, 'Pending', 0, 10, now())",
@@ -193,7 +193,7 @@ async fn push_undecodable_task(app: &TestApp, id: &str) {
     .expect("insert a task");
 }
 
-async fn wait_for_dead(app: &TestApp, n: usize) -> Vec<Value> {
+pub(crate) async fn wait_for_dead(app: &TestApp, n: usize) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let body = app.get_json("/v1/queue/dead").await;

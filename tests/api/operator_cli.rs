@@ -20,7 +20,7 @@ use crate::{
 
 /// What one run of the CLI did.
 #[derive(Debug)]
-struct Run {
+pub(crate) struct Run {
     code: Option<i32>,
     stdout: String,
     stderr: String,
@@ -28,7 +28,7 @@ struct Run {
 
 impl Run {
     /// Asserts exit 0 and no error output; returns stdout.
-    fn ok(&self) -> &str {
+    pub(crate) fn ok(&self) -> &str {
         assert_eq!(self.code, Some(0), "{self:?}");
         assert!(self.stderr.is_empty(), "{self:?}");
         &self.stdout
@@ -54,7 +54,7 @@ impl Run {
 
 /// Runs `invite-worker <args>` on the test's database (settings through the
 /// environment, as `process::Service` does), with `stdin` as its input.
-fn cli_with_stdin(settings: &Settings, args: &[&str], stdin: &str) -> Run {
+pub(crate) fn cli_with_stdin(settings: &Settings, args: &[&str], stdin: &str) -> Run {
     let mut child = Command::new(BIN)
         .args(args)
         .envs(env_for(settings))
