@@ -5,6 +5,7 @@ pub(crate) mod attempts;
 pub mod audit;
 pub mod batches;
 pub(crate) mod candidates;
+pub(crate) mod console;
 pub mod delivery;
 pub mod gauges;
 pub mod invitations;
@@ -13,6 +14,7 @@ pub(crate) mod operators;
 pub mod retention;
 pub(crate) mod suppressions;
 pub mod tasks;
+pub mod webhooks;
 
 use std::{str::FromStr, time::Duration};
 

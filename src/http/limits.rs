@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::extract::{ConnectInfo, Request};
+use axum::{
+    extract::{ConnectInfo, FromRequestParts, Request},
+    http::{Extensions, request::Parts},
+};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 
 use super::error::ApiError;
@@ -117,8 +120,12 @@ fn limited(client: IpAddr, what: &str, left: Duration) -> ApiError {
 /// address as IPv4, and an IPv6 address by its /64 (one host's usual allocation).
 /// A request with no peer (called in-process, as the demo does) counts as loopback.
 pub(crate) fn client_ip(request: &Request) -> IpAddr {
-    let peer = request
-        .extensions()
+    client_ip_of(request.extensions())
+}
+
+/// [`client_ip`] from a request's extensions.
+pub(crate) fn client_ip_of(extensions: &Extensions) -> IpAddr {
+    let peer = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.0.ip());
     match peer {
@@ -127,6 +134,17 @@ pub(crate) fn client_ip(request: &Request) -> IpAddr {
             None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         },
         v4 => v4,
+    }
+}
+
+/// The client's address ([`client_ip`]) as an extractor, for handlers that read a body.
+pub(crate) struct ClientIp(pub(crate) IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(client_ip_of(&parts.extensions)))
     }
 }
 

@@ -19,14 +19,14 @@ use tower_http::{
 
 use super::{
     access::{self, Caller},
-    attempts, audit, batches, candidates,
+    attempts, audit, batches, candidates, console,
     error::ApiError,
     extract::REQUEST_ID,
     invitations, jobs,
     limits::client_ip,
     openapi, queue, service,
     state::{AppState, Role},
-    suppressions,
+    suppressions, webhooks,
 };
 
 /// Request bodies above this are refused with 413 before any other work.
@@ -71,6 +71,20 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/queue", get(queue::overview))
             .route("/queue/dead", get(queue::dead))
             .route("/queue/dead/retry", post(queue::retry_dead))
+            .route("/webhooks", post(webhooks::create).get(webhooks::list))
+            .route(
+                "/webhooks/{id}",
+                get(webhooks::get).delete(webhooks::delete),
+            )
+            .route(
+                "/webhooks/{id}/rotate-secret",
+                post(webhooks::rotate_secret),
+            )
+            .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
+            .route(
+                "/webhooks/{id}/deliveries/{delivery_id}/replay",
+                post(webhooks::replay),
+            )
             // Each route's scope (`access::ROUTE_SCOPES`), for the caller found below.
             .route_layer(middleware::from_fn(access::authorize))
             .fallback(not_found)
@@ -81,7 +95,15 @@ pub(crate) fn router(state: AppState) -> Router {
                 state.clone(),
                 require_bearer,
             ));
-        service.nest("/v1", v1)
+        let app = service.nest("/v1", v1);
+        if state.settings.console.enabled {
+            app.nest("/console", console::router()).route(
+                "/console/",
+                get(|| async { axum::response::Redirect::to("/console") }),
+            )
+        } else {
+            app
+        }
     };
     let request_timeout = state.settings.http.request_timeout();
     app.fallback(not_found)

@@ -4,6 +4,7 @@
 mod abuse_limits;
 mod access;
 mod attempts;
+mod console;
 mod delivery;
 mod dkim;
 mod erasure;
@@ -28,3 +29,4 @@ mod smtp_tls;
 mod suppression;
 mod throttling;
 mod untrusted_input;
+mod webhooks;
