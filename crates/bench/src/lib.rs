@@ -24,6 +24,7 @@
 //! exit path (its guard's `Drop`), except when this process is killed with SIGKILL.
 
 mod floor;
+pub mod pages;
 mod pipeline;
 mod report;
 mod service;

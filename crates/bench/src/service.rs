@@ -1,5 +1,6 @@
-//! The service under test: the real binary, `serve`, as a child process configured only
-//! through environment variables, killed on every exit path (see [`Service`]'s `Drop`).
+//! The service under test: the real binary (`serve`, or another role) as a child process
+//! configured only through environment variables, killed on every exit path (see
+//! [`Service`]'s `Drop`).
 
 use std::{
     fs::File,
@@ -11,7 +12,8 @@ use std::{
 use anyhow::{Context, bail};
 use tokio::time::Instant;
 
-/// A running `invite-worker serve` child. Dropping it kills the process.
+/// A running `invite-worker serve` (or `api`, `work`) child. Dropping it kills the
+/// process.
 pub struct Service {
     child: Option<Child>,
     pub pid: u32,
@@ -29,6 +31,17 @@ impl Service {
         env: &[(String, String)],
         port: u16,
     ) -> anyhow::Result<Self> {
+        Self::spawn_role(exe, dir, env, port, "serve")
+    }
+
+    /// [`Service::spawn`] with another subcommand than `serve` (`api`: HTTP only).
+    pub fn spawn_role(
+        exe: &Path,
+        dir: &Path,
+        env: &[(String, String)],
+        port: u16,
+        role: &str,
+    ) -> anyhow::Result<Self> {
         let log = dir.join("service.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -43,7 +56,7 @@ impl Service {
         #[cfg(not(unix))]
         let program = exe.to_path_buf();
         let mut cmd = Command::new(&program);
-        cmd.arg("serve")
+        cmd.arg(role)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out)
@@ -57,7 +70,7 @@ impl Service {
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {} serve", exe.display()))?;
+            .with_context(|| format!("starting {} {role}", exe.display()))?;
         Ok(Self {
             pid: child.id(),
             child: Some(child),
