@@ -15,9 +15,6 @@ CREATE TABLE console_sessions (
 CREATE INDEX console_sessions_expires ON console_sessions (expires_at);
 CREATE INDEX console_sessions_operator ON console_sessions (operator_id);
 
--- The overview's failures of the last 24 hours: only failed items enter the index.
-CREATE INDEX batch_items_failed_recent ON batch_items (updated_at) WHERE status = 'failed';
-
 -- The batches page filtered by status alone, newest first (by job, `batches_job_created`
 -- serves; unfiltered, `batches_created`).
 CREATE INDEX batches_status_created ON batches (status, created_at DESC);

@@ -94,7 +94,7 @@ pub(crate) struct RecentFailures {
     pub(crate) count: i64,
 }
 
-/// Reads only the failed items updated in the last day (`batch_items_failed_recent`).
+/// Reads the failed items of the batches live in the last day (`sql/failures_last_day.sql`).
 pub(crate) async fn failures_last_day(
     db: impl PgExecutor<'_>,
 ) -> sqlx::Result<Vec<RecentFailures>> {
