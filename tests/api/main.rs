@@ -30,4 +30,3 @@ mod smtp_tls;
 mod suppression;
 mod throttling;
 mod untrusted_input;
-mod webhooks;
