@@ -161,43 +161,19 @@ pub async fn run(settings: Settings, args: BenchArgs, exe: PathBuf) -> anyhow::R
     let dir = std::env::temp_dir().join(format!("iw-bench-{run_id}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let mut task = tokio::spawn(measure(
-        settings,
-        args.clone(),
-        exe,
-        scratch.clone(),
-        dir.clone(),
-        run_id,
-    ));
-    let outcome = tokio::select! {
-        joined = &mut task => joined.unwrap_or_else(|e| Err(anyhow!("the benchmark failed: {e}"))),
-        signal = interrupted() => {
-            // Dropping the measurement kills the service (its guard) before the drop below.
-            task.abort();
-            let _ = task.await;
-            Err(anyhow!("interrupted by {signal}"))
-        }
-    };
-
-    for (name, result) in scratch.drop_all().await {
-        match result {
-            Ok(()) => println!("  dropped   database {name}"),
-            Err(e) => eprintln!("warning: could not drop database {name}: {e:#}"),
-        }
-    }
-    let mut results = match outcome {
-        Ok(results) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            results
-        }
-        Err(e) => {
-            let log = dir.join("service.log");
-            if log.exists() {
-                eprintln!("the service's log is kept at {}", log.display());
-            }
-            return Err(e);
-        }
-    };
+    let mut results = supervise(
+        measure(
+            settings,
+            args.clone(),
+            exe,
+            scratch.clone(),
+            dir.clone(),
+            run_id,
+        ),
+        &scratch,
+        &dir,
+    )
+    .await?;
     results.wall_secs = started.elapsed().as_secs_f64();
 
     println!();
@@ -221,6 +197,45 @@ pub async fn run(settings: Settings, args: BenchArgs, exe: PathBuf) -> anyhow::R
         bail!("{} check(s) failed", results.problems.len());
     }
     Ok(())
+}
+
+/// Runs a benchmark's `measurement` in a task of its own, stopped by SIGINT or SIGTERM
+/// (dropping it kills the service under test, its guard), then drops every scratch
+/// database whatever happened, and removes `dir` after a success (after a failure the
+/// service's log in it is kept, and said so).
+pub(crate) async fn supervise<T: Send + 'static>(
+    measurement: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    scratch: &Scratch,
+    dir: &std::path::Path,
+) -> anyhow::Result<T> {
+    let mut task = tokio::spawn(measurement);
+    let outcome = tokio::select! {
+        joined = &mut task => joined.unwrap_or_else(|e| Err(anyhow!("the benchmark failed: {e}"))),
+        signal = interrupted() => {
+            task.abort();
+            let _ = task.await;
+            Err(anyhow!("interrupted by {signal}"))
+        }
+    };
+    for (name, result) in scratch.drop_all().await {
+        match result {
+            Ok(()) => println!("  dropped   database {name}"),
+            Err(e) => eprintln!("warning: could not drop database {name}: {e:#}"),
+        }
+    }
+    match outcome {
+        Ok(results) => {
+            let _ = std::fs::remove_dir_all(dir);
+            Ok(results)
+        }
+        Err(e) => {
+            let log = dir.join("service.log");
+            if log.exists() {
+                eprintln!("the service's log is kept at {}", log.display());
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM, so that either still cleans up.

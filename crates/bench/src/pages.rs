@@ -33,7 +33,7 @@ use serde::Serialize;
 use sqlx::{ConnectOptions, Connection, postgres::PgConnectOptions};
 use tokio::time::Instant;
 
-use super::{Scratch, interrupted, progress, report::percentile, service::Service};
+use super::{Scratch, progress, report::percentile, service::Service, supervise};
 use invite_worker::config::Settings;
 
 /// The history the seed writes, in one transaction (see the file's header).
@@ -139,40 +139,12 @@ pub async fn run(settings: Settings, args: PagesArgs, exe: PathBuf) -> anyhow::R
     let dir = std::env::temp_dir().join(format!("iw-pages-{run_id}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let mut task = tokio::spawn(measure(
-        args.clone(),
-        exe,
-        scratch.clone(),
-        dir.clone(),
-        run_id,
-    ));
-    let outcome = tokio::select! {
-        joined = &mut task => joined.unwrap_or_else(|e| Err(anyhow!("the benchmark failed: {e}"))),
-        signal = interrupted() => {
-            task.abort();
-            let _ = task.await;
-            Err(anyhow!("interrupted by {signal}"))
-        }
-    };
-    for (name, result) in scratch.drop_all().await {
-        match result {
-            Ok(()) => println!("  dropped   database {name}"),
-            Err(e) => eprintln!("warning: could not drop database {name}: {e:#}"),
-        }
-    }
-    let mut results = match outcome {
-        Ok(results) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            results
-        }
-        Err(e) => {
-            let log = dir.join("service.log");
-            if log.exists() {
-                eprintln!("the service's log is kept at {}", log.display());
-            }
-            return Err(e);
-        }
-    };
+    let mut results = supervise(
+        measure(args.clone(), exe, scratch.clone(), dir.clone(), run_id),
+        &scratch,
+        &dir,
+    )
+    .await?;
     results.wall_secs = started.elapsed().as_secs_f64();
     println!();
     print!("{}", table(&results));
