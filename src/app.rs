@@ -73,9 +73,13 @@ pub async fn start(
         ));
         let (pool, settings, stop) = (pool.clone(), settings.clone(), shutdown.clone());
         Some(tokio::spawn(async move {
-            let maintenance = queue::maintenance::run(pool, &settings, stop.clone());
-            let (workers, ()) =
-                tokio::join!(queue::worker::run(deliverer, &settings, stop), maintenance);
+            let maintenance = queue::maintenance::run(pool.clone(), &settings, stop.clone());
+            let webhooks = queue::webhooks::run(pool, settings.clone(), stop.clone());
+            let (workers, (), ()) = tokio::join!(
+                queue::worker::run(deliverer, &settings, stop),
+                maintenance,
+                webhooks
+            );
             workers
         }))
     };

@@ -38,6 +38,7 @@ pub struct Settings {
     pub limits: LimitsSettings,
     pub metrics: MetricsSettings,
     pub console: ConsoleSettings,
+    pub webhooks: WebhookSettings,
 }
 
 /// The operators' web console at `/console` (see `http::console`).
@@ -50,6 +51,34 @@ pub struct ConsoleSettings {
     pub session_hours: u32,
     /// Session cookies without `Secure`, for plain-HTTP use on one's own machine.
     pub insecure_cookie: bool,
+}
+
+/// Webhook delivery (operations.md §4; see `queue::webhooks`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// A whole attempt (connect, TLS, request, answer) ends after this.
+    pub timeout_secs: u64,
+    /// The waits before the second, third, … attempt; after the last, the delivery fails.
+    #[serde(deserialize_with = "list")]
+    pub retry_schedule_secs: Vec<u64>,
+    /// Allows `http://` and private, loopback and link-local targets (tests, local setups).
+    pub allow_private_targets: bool,
+    /// Attempts in flight per worker process.
+    pub concurrency: usize,
+    /// Attempts in flight to one endpoint, across all processes.
+    pub per_endpoint_concurrency: usize,
+    /// How often due retries are looked for (new events wake the loop at once).
+    pub poll_interval_ms: u64,
+    /// Events are deleted this long after they were written, once no delivery of theirs
+    /// is pending.
+    pub retention_days: u32,
+}
+
+impl WebhookSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
 }
 
 /// `/metrics` (see `queue::gauges`).
@@ -494,6 +523,28 @@ impl Settings {
         }
         if !(1..=36_500).contains(&r.attempts_days) {
             return fail("retention.attempts_days", "must be 1 to 36500");
+        }
+        let w = &self.webhooks;
+        if !(1..=60).contains(&w.timeout_secs) {
+            return fail("webhooks.timeout_secs", "must be 1 to 60");
+        }
+        if w.retry_schedule_secs.len() > 50 || w.retry_schedule_secs.iter().any(|s| *s > 604_800) {
+            return fail(
+                "webhooks.retry_schedule_secs",
+                "at most 50 waits, each at most 604800 (a week)",
+            );
+        }
+        if !(1..=1000).contains(&w.concurrency) {
+            return fail("webhooks.concurrency", "must be 1 to 1000");
+        }
+        if !(1..=1000).contains(&w.per_endpoint_concurrency) {
+            return fail("webhooks.per_endpoint_concurrency", "must be 1 to 1000");
+        }
+        if !(1..=60_000).contains(&w.poll_interval_ms) {
+            return fail("webhooks.poll_interval_ms", "must be 1 to 60000");
+        }
+        if !(1..=36_500).contains(&w.retention_days) {
+            return fail("webhooks.retention_days", "must be 1 to 36500");
         }
         if self.retry.max_attempts == 0 {
             return fail("retry.max_attempts", "must be at least 1");

@@ -11,6 +11,7 @@ use crate::domain::{
     ids::new_task_id,
     states::{BatchStatus, ItemReason, ItemStatus, JobStatus, OnDuplicate},
     warning::Warning,
+    webhook::EventType,
 };
 
 /// A batch row as stored.
@@ -324,6 +325,7 @@ async fn cancel_now(
             let target = id.to_string();
             super::audit::record(&mut tx, actor, AuditAction::BatchCancelled, &target, detail)
                 .await?;
+            super::webhooks::emit_batch(&mut tx, EventType::BatchCancelled, id).await?;
             tx.commit().await?;
             Ok(Cancel::Cancelled(row))
         }

@@ -1,4 +1,5 @@
-//! Invitations: reads (EXPIRED derived from `expires_at`), redeem, complete, revoke.
+//! Invitations: reads (EXPIRED derived from `expires_at` until the sweep stores it),
+//! redeem, complete, revoke; redeem and complete write their webhook events.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -8,6 +9,7 @@ use uuid::Uuid;
 use crate::domain::{
     access::{Actor, AuditAction},
     states::InvitationStatus,
+    webhook::EventType,
 };
 
 /// The invitation resource.
@@ -76,6 +78,8 @@ pub(crate) async fn redeem(
         let (action, target) = (AuditAction::InvitationRedeemed, invitation.id.to_string());
         let detail = serde_json::json!({ "batch_id": invitation.batch_id });
         super::audit::record(&mut tx, actor, action, &target, detail).await?;
+        let kind = EventType::InvitationRedeemed;
+        super::webhooks::emit_invitation(&mut tx, kind, invitation.id).await?;
         tx.commit().await?;
         return Ok(Redeem::Redeemed(invitation));
     }
@@ -142,6 +146,10 @@ pub(crate) async fn transition(
         let detail = serde_json::json!({ "batch_id": invitation.batch_id });
         let target = id.to_string();
         super::audit::record(&mut tx, actor, transition.action(), &target, detail).await?;
+        if transition == Transition::Complete {
+            let kind = EventType::InvitationCompleted;
+            super::webhooks::emit_invitation(&mut tx, kind, id).await?;
+        }
     }
     tx.commit().await?;
     Ok(changed)

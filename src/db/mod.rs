@@ -14,6 +14,7 @@ pub(crate) mod operators;
 pub mod retention;
 pub(crate) mod suppressions;
 pub mod tasks;
+pub mod webhooks;
 
 use std::{str::FromStr, time::Duration};
 

@@ -70,7 +70,7 @@ fn one_of<T: Copy>(
 }
 
 /// Who made a change, as the audit log records it: `key:<name>` (an API key),
-/// `operator:<name>` (a console user) or `cli:<os user>`.
+/// `operator:<name>` (a console user), `cli:<os user>` or `worker:<name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor(String);
 
@@ -86,6 +86,11 @@ impl Actor {
     /// The operator CLI, run by the operating-system user `user`.
     pub fn cli(user: &str) -> Self {
         Actor(format!("cli:{user}"))
+    }
+    /// A worker process acting on its own (e.g. disabling an endpoint that answered
+    /// 410 Gone), by the name the attempt history gives it.
+    pub fn worker(name: &str) -> Self {
+        Actor(format!("worker:{name}"))
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -137,6 +142,13 @@ audit_actions! {
     OperatorRemoved = "operator.removed",
     /// `DELETE /v1/candidates/{id}` erased a candidate's email and name.
     CandidateErased = "candidate.erased",
+    WebhookCreated = "webhook.created",
+    WebhookDeleted = "webhook.deleted",
+    WebhookSecretRotated = "webhook.secret_rotated",
+    /// A delivery was queued again on request.
+    WebhookDeliveryReplayed = "webhook.delivery_replayed",
+    /// The endpoint answered 410 Gone: no more events go to it.
+    WebhookDisabled = "webhook.disabled",
 }
 
 impl fmt::Display for AuditAction {

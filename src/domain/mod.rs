@@ -1,5 +1,5 @@
 //! Pure types and rules: ids, email addresses, link tokens, warnings, access scopes,
-//! audit actions and the states of batches, items and invitations. Nothing here does
+//! audit actions, the states of batches, items and invitations, and webhook events. Nothing here does
 //! I/O, and nothing here uses another module of this crate.
 
 pub mod access;
@@ -8,3 +8,4 @@ pub mod ids;
 pub mod states;
 pub mod token;
 pub mod warning;
+pub mod webhook;

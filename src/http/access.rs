@@ -65,6 +65,21 @@ const ROUTE_SCOPES: &[(Method, &str, Scope)] = &[
     (Method::GET, "/v1/queue", Scope::Admin),
     (Method::GET, "/v1/queue/dead", Scope::Admin),
     (Method::POST, "/v1/queue/dead/retry", Scope::Admin),
+    (Method::GET, "/v1/webhooks", Scope::Admin),
+    (Method::POST, "/v1/webhooks", Scope::Admin),
+    (Method::GET, "/v1/webhooks/{id}", Scope::Admin),
+    (Method::DELETE, "/v1/webhooks/{id}", Scope::Admin),
+    (
+        Method::POST,
+        "/v1/webhooks/{id}/rotate-secret",
+        Scope::Admin,
+    ),
+    (Method::GET, "/v1/webhooks/{id}/deliveries", Scope::Admin),
+    (
+        Method::POST,
+        "/v1/webhooks/{id}/deliveries/{delivery_id}/replay",
+        Scope::Admin,
+    ),
 ];
 
 /// The scope a request to the route `pattern` with `method` needs.
@@ -221,7 +236,10 @@ mod tests {
 
     #[test]
     fn a_route_missing_from_the_table_needs_admin() {
-        assert_eq!(required_scope(&Method::GET, "/v1/webhooks"), Scope::Admin);
+        assert_eq!(
+            required_scope(&Method::GET, "/v1/nothing-here"),
+            Scope::Admin
+        );
         assert_eq!(
             required_scope(&Method::HEAD, "/v1/batches"),
             Scope::BatchesRead,

@@ -2,9 +2,9 @@
 //! problem+json everywhere.
 //!
 //! Files depend one way: `router` → the resources (`attempts`, `audit`, `batches`,
-//! `candidates`, `invitations`, `jobs`, `queue`, `service`, `suppressions`, `openapi`) →
-//! `access`, `state`, `extract`, `error`. The operators' web console (`console`) sits
-//! beside the resources, over `limits`, `state` and `error`.
+//! `candidates`, `invitations`, `jobs`, `queue`, `service`, `suppressions`, `webhooks`,
+//! `openapi`) → `access`, `state`, `extract`, `error`. The operators' web console
+//! (`console`) sits beside the resources, over `limits`, `state` and `error`.
 
 mod access;
 mod attempts;
@@ -24,6 +24,7 @@ mod server;
 pub mod service;
 mod state;
 mod suppressions;
+mod webhooks;
 
 pub(crate) use router::router;
 pub(crate) use server::serve;

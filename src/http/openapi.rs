@@ -9,6 +9,7 @@ use utoipa::{
 
 use super::{
     attempts, audit, batches, candidates, error, invitations, jobs, queue, service, suppressions,
+    webhooks,
 };
 
 #[derive(OpenApi)]
@@ -32,6 +33,8 @@ use super::{
         suppressions::list, suppressions::delete,
         audit::list,
         queue::overview, queue::dead, queue::retry_dead,
+        webhooks::create, webhooks::list, webhooks::get, webhooks::delete,
+        webhooks::rotate_secret, webhooks::deliveries, webhooks::replay,
         service::healthz, service::readyz, service::metrics, serve,
     ),
     components(schemas(error::Problem, error::ErrorCode)),
@@ -44,6 +47,7 @@ use super::{
         (name = "suppressions", description = "Addresses not sent to: refused before as bad mailboxes"),
         (name = "audit", description = "Who changed what (admin)"),
         (name = "queue", description = "Queue figures and dead tasks (admin)"),
+        (name = "webhooks", description = "Signed events to the web app's endpoints, their delivery log and replay (admin)"),
         (name = "service", description = "Health, readiness, metrics, this document (no auth)"),
     )
 )]
@@ -102,6 +106,13 @@ mod tests {
         ("get", "/v1/queue"),
         ("get", "/v1/queue/dead"),
         ("post", "/v1/queue/dead/retry"),
+        ("post", "/v1/webhooks"),
+        ("get", "/v1/webhooks"),
+        ("get", "/v1/webhooks/{id}"),
+        ("delete", "/v1/webhooks/{id}"),
+        ("post", "/v1/webhooks/{id}/rotate-secret"),
+        ("get", "/v1/webhooks/{id}/deliveries"),
+        ("post", "/v1/webhooks/{id}/deliveries/{delivery_id}/replay"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

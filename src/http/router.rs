@@ -26,7 +26,7 @@ use super::{
     limits::client_ip,
     openapi, queue, service,
     state::{AppState, Role},
-    suppressions,
+    suppressions, webhooks,
 };
 
 /// Request bodies above this are refused with 413 before any other work.
@@ -71,6 +71,20 @@ pub(crate) fn router(state: AppState) -> Router {
             .route("/queue", get(queue::overview))
             .route("/queue/dead", get(queue::dead))
             .route("/queue/dead/retry", post(queue::retry_dead))
+            .route("/webhooks", post(webhooks::create).get(webhooks::list))
+            .route(
+                "/webhooks/{id}",
+                get(webhooks::get).delete(webhooks::delete),
+            )
+            .route(
+                "/webhooks/{id}/rotate-secret",
+                post(webhooks::rotate_secret),
+            )
+            .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
+            .route(
+                "/webhooks/{id}/deliveries/{delivery_id}/replay",
+                post(webhooks::replay),
+            )
             // Each route's scope (`access::ROUTE_SCOPES`), for the caller found below.
             .route_layer(middleware::from_fn(access::authorize))
             .fallback(not_found)

@@ -22,6 +22,13 @@
 //!   task type or leader of its own, and a process that dies mid-pass releases it with
 //!   its connection.
 //!
+//! - **Expire links**: PENDING links past their `expires_at` are marked EXPIRED, each
+//!   with its `invitation.expired` webhook event, by one process at a time (an advisory
+//!   lock, as retention's). Reads showed such links as EXPIRED before; storing it is
+//!   what makes the event happen once.
+//! - **Delete old webhook events**: events older than `webhooks.retention_days`, none
+//!   of whose deliveries is still pending, go with their delivery log.
+//!
 //! All are safe to run from many processes at once; the statements are in `db::tasks`
 //! and `db::retention`.
 
@@ -32,10 +39,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
-    db::{retention, tasks},
+    db::{retention, tasks, webhooks},
 };
 
-/// Runs the four every `worker.maintenance_interval_secs` until shutdown.
+/// Runs them every `worker.maintenance_interval_secs` until shutdown.
 pub(crate) async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
     let every = Duration::from_secs(settings.worker.maintenance_interval_secs);
     let retention = Duration::from_secs(settings.worker.task_retention_secs);
@@ -66,6 +73,20 @@ pub(crate) async fn run(pool: PgPool, settings: &Settings, shutdown: Cancellatio
             Ok(n) => tracing::debug!(tasks = n, "deleted finished queue tasks"),
             Err(e) => tracing::warn!(error = %e, "deleting finished tasks failed; will try again"),
         }
+        match webhooks::expire_invitations(&pool, SWEEP_BATCH).await {
+            Ok(Some(n)) if n > 0 => tracing::info!(invitations = n, "expired links marked EXPIRED"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "the link expiry sweep failed; will try again"),
+        }
+        match webhooks::delete_old_events(&pool, settings.webhooks.retention_days, SWEEP_BATCH)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(events = n, "deleted old webhook events"),
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting old webhook events failed; will try again")
+            }
+        }
         match retention::run_pass(&pool, &settings.retention).await {
             Ok(Some(pass)) if !pass.is_empty() => tracing::info!(
                 forgotten_idempotency_keys = pass.forgotten_idempotency_keys,
@@ -79,6 +100,9 @@ pub(crate) async fn run(pool: PgPool, settings: &Settings, shutdown: Cancellatio
         }
     }
 }
+
+/// Links marked EXPIRED, and old webhook events deleted, per pass.
+const SWEEP_BATCH: i64 = 1_000;
 
 /// How long a task may stay taken (`Queued` or `Running`) before it is rescued.
 pub const STUCK_AFTER: Duration = Duration::from_secs(300);

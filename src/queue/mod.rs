@@ -16,4 +16,6 @@ pub mod prepare;
 mod process;
 pub mod recorder;
 mod throttle;
+mod webhook_client;
+pub mod webhooks;
 pub mod worker;

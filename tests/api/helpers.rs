@@ -51,6 +51,11 @@ pub fn test_settings(smtp_port: u16) -> Settings {
     s.retry.multiplier = 2.0;
     s.retry.jitter = 0.1;
     s.retry.max_attempts = 4;
+    // Webhook receivers in tests listen on 127.0.0.1 over http; retries come quickly.
+    s.webhooks.allow_private_targets = true;
+    s.webhooks.timeout_secs = 2;
+    s.webhooks.retry_schedule_secs = vec![1, 1, 2, 2, 2, 2, 2, 2];
+    s.webhooks.poll_interval_ms = 100;
     // Tests that fuzz or race many requests from one address; the limits' own tests
     // set them low.
     s.limits.auth_failures_per_minute = 1_000_000;

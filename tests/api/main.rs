@@ -30,3 +30,4 @@ mod smtp_tls;
 mod suppression;
 mod throttling;
 mod untrusted_input;
+mod webhooks;

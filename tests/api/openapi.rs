@@ -17,11 +17,12 @@ async fn every_documented_route_is_served_and_the_document_parses() {
     assert_eq!(r.status(), StatusCode::OK);
     let doc: Value = r.json().await.expect("the document is JSON");
     let paths = doc["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 25, "every path of the contract is listed");
+    assert_eq!(paths.len(), 30, "every path of the contract is listed");
     for (path, methods) in paths {
         let concrete = path
             .replace("{job_id}", "job-1")
             .replace("{id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{delivery_id}", "00000000-0000-0000-0000-000000000000")
             .replace("{email}", "someone@example.com")
             .replace("{candidate_id}", "c-1");
         for method in methods.as_object().expect("methods").keys() {

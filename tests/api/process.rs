@@ -33,7 +33,8 @@ pub fn free_port() -> u16 {
 }
 
 /// The `INVITES_*` variables that make a child process run with `settings`: the
-/// database, API keys, mail transport and rate, SMTP, worker, batch and retry values.
+/// database, API keys, mail transport and rate, SMTP, worker, batch, retry and webhook
+/// values.
 /// `http.bind` is set by [`Service::start`] (a free port per process).
 pub fn env_for(settings: &Settings) -> Vec<(String, String)> {
     let s = settings;
@@ -119,6 +120,22 @@ pub fn env_for(settings: &Settings) -> Vec<(String, String)> {
         ("RETRY__MAX_DELAY_MS", s.retry.max_delay_ms.to_string()),
         ("RETRY__MULTIPLIER", format!("{:?}", s.retry.multiplier)),
         ("RETRY__JITTER", format!("{:?}", s.retry.jitter)),
+        (
+            "WEBHOOKS__TIMEOUT_SECS",
+            s.webhooks.timeout_secs.to_string(),
+        ),
+        (
+            "WEBHOOKS__RETRY_SCHEDULE_SECS",
+            format!("{:?}", s.webhooks.retry_schedule_secs),
+        ),
+        (
+            "WEBHOOKS__ALLOW_PRIVATE_TARGETS",
+            s.webhooks.allow_private_targets.to_string(),
+        ),
+        (
+            "WEBHOOKS__POLL_INTERVAL_MS",
+            s.webhooks.poll_interval_ms.to_string(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (format!("INVITES_{k}"), v))

@@ -29,6 +29,7 @@ mod pipeline;
 mod report;
 mod service;
 mod third_party;
+mod webhook_sink;
 
 use std::{
     io::Write,
@@ -85,6 +86,13 @@ pub struct BenchArgs {
     /// with INVITES_.
     #[arg(long = "service-env", value_name = "KEY=VALUE")]
     pub service_env: Vec<String>,
+
+    /// Webhooks on: a receiver in the bench is registered for `item.failed` and
+    /// `batch.completed` (with `webhooks.allow_private_targets`, as it listens on
+    /// loopback), and the run checks that every batch's `batch.completed` arrived.
+    /// Compare the sustained figure with a run without it.
+    #[arg(long)]
+    pub webhooks: bool,
 
     /// Deadline for each wait (service start, a phase draining, a floor run).
     #[arg(long, value_name = "SECS", default_value_t = 600)]
@@ -348,6 +356,12 @@ async fn measure(
         }
         env.push((k.to_owned(), v.to_owned()));
     }
+    if args.webhooks {
+        env.push((
+            "INVITES_WEBHOOKS__ALLOW_PRIVATE_TARGETS".into(),
+            "true".into(),
+        ));
+    }
     // Exactly what the child will load: the shipped defaults plus this environment.
     let child = Settings::load_from(&dir.join("worker.toml"), false, env.clone())
         .map_err(|e| anyhow!("the service's settings: {e}"))?;
@@ -379,6 +393,17 @@ async fn measure(
         smtp.port()
     ));
     let api = Api::new(&svc.base, &key)?;
+    let sink = if args.webhooks {
+        let sink = webhook_sink::Sink::start().await?;
+        sink.register(&svc.base, &key).await?;
+        progress(format!(
+            "            webhooks on: item.failed and batch.completed to {}",
+            sink.url
+        ));
+        Some(sink)
+    } else {
+        None
+    };
     // One job opening per measurement, so the duplicate checks of one measurement do
     // not search the invitations of another (candidate ids are fresh in every batch).
     let jobs: Vec<String> = ["enqueue", "full", "sustained"]
@@ -471,6 +496,24 @@ async fn measure(
         if sustained.verified { "OK" } else { "FAILED" }
     ));
 
+    if let Some(sink) = &sink {
+        let batches = u64::try_from(c.enqueue_posts + c.full_batch_samples + c.sustained_batches)
+            .unwrap_or(u64::MAX);
+        let deadline = Instant::now() + timeout;
+        while sink.count("batch.completed") < batches && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = sink.count("batch.completed");
+        progress(format!(
+            "      webhooks: {got} of {batches} batch.completed received, {} item.failed",
+            sink.count("item.failed")
+        ));
+        if got != batches {
+            problems.push(format!(
+                "webhooks: {got} batch.completed received for {batches} batches"
+            ));
+        }
+    }
     svc.kill();
     let (mut log_warnings, mut log_errors) = service::log_levels(&svc.log);
     drop(smtp);

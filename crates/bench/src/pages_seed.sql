@@ -11,7 +11,7 @@
 --     reply, retries_exhausted after 8 attempts, invalid_email), a few skipped
 --     (already_invited; cancelled in cancelled batches);
 --   * an invitation for each sent item (a quarter redeemed and completed, the rest
---     pending, past their expiry after a week) and a revoked one
+--     pending, or expired after a week as the link sweep stores it) and a revoked one
 --     for each item that failed after a send; the attempt history of the last 30 days (attempts.retention 30 days);
 --   * queue tasks as apalis and maintenance leave them: Pending for pending items,
 --     Done for the last hour's finished items (older ones are deleted), 30 Killed;
@@ -202,8 +202,8 @@ SELECT i.invitation_id, b.job_id, i.candidate_id, i.batch_id, i.id,
                             WHEN i.position % 4 = 0
                                  AND i.sent_at < now() - interval '1 day 30 minutes'
                             THEN 'COMPLETED'
-                            -- A link past its expiry stays PENDING (expiry is read off
-                            -- expires_at).
+                            -- What the link sweep stores once a sent link has expired.
+                            WHEN i.sent_at + interval '168 hours' <= now() THEN 'EXPIRED'
                             ELSE 'PENDING' END AS status) s
  WHERE i.invitation_id IS NOT NULL;
 

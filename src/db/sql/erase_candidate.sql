@@ -2,7 +2,8 @@
 -- locked by the caller (in id order, none of them with a send on its way), lose their
 -- email and name; replies kept with them and their attempts lose the addresses they
 -- quote. A pending item is skipped as `cancelled` (it is never sent) and its batch's
--- tally moves with it, completing the batch when nothing else is pending. Every
+-- tally moves with it, completing the batch when nothing else is pending (with its
+-- batch.completed event). Every
 -- PENDING invitation of the items is revoked. The batches' invalid_email warnings for
 -- the candidate are reworded, and the candidate's addresses leave the suppression
 -- list. Lock order as everywhere: items, invitations, batches (in id order),
@@ -42,7 +43,14 @@ tally AS (
                               ELSE b.completed_at END,
           warnings = erase_warnings(b.warnings, ARRAY[$1::text])
      FROM counts c
-    WHERE b.id = ANY(ARRAY(SELECT id FROM locked_batches)) AND b.id = c.batch_id),
+    WHERE b.id = ANY(ARRAY(SELECT id FROM locked_batches)) AND b.id = c.batch_id
+   RETURNING CASE WHEN c.skipped > 0 AND b.status = 'completed' THEN webhook_batch(b) END
+             AS completed),
+events AS (
+   INSERT INTO webhook_events (id, type, payload)
+   SELECT webhook_message_id(), 'batch.completed', webhook_body('batch.completed', completed)
+     FROM tally
+    WHERE completed IS NOT NULL AND webhook_subscribed('batch.completed')),
 unsuppressed AS (
    DELETE FROM suppressions s
     WHERE s.email = ANY(ARRAY(SELECT lower(btrim(email)) FROM before WHERE email <> '')))

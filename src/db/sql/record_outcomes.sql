@@ -2,7 +2,8 @@
 -- pending under its task moves (locked in id order), its invitation too (sent: the
 -- expiry starts now; ended otherwise: revoked), each batch's tally and warnings (batch
 -- rows locked in id order, after every item), each attempt's row in the history, and
--- every task of the group ($9) is marked Done. Every table is reached through an index
+-- every task of the group ($9) is marked Done, and the webhook events of failed items
+-- and completed batches are written (their deliveries by the trigger on webhook_events). Every table is reached through an index
 -- condition on keys given or computed first.
 --
 -- $1..$8, $10..$13 per outcome: item id, task id, status, reason, last error, retry's
@@ -34,7 +35,8 @@ applied AS (
     WHERE i.id = ANY($1) AND i.id = t.id
       AND l.status = 'pending' AND l.task_id = t.task_id
    RETURNING i.id, t.task_id, i.batch_id, i.invitation_id, t.status, t.warning,
-             t.attempt, t.reply, i.attempts_made, l.sending_at),
+             t.attempt, t.reply, i.attempts_made, l.sending_at,
+             CASE WHEN t.status = 'failed' THEN webhook_item(i) END AS failed_item),
 history AS (
    INSERT INTO attempts (item_id, number, started_at, finished_at, outcome, smtp_reply,
                          worker)
@@ -79,7 +81,18 @@ tally AS (
                WHERE NOT b.warnings @> jsonb_build_array(jsonb_build_object(
                          'candidate_id', w -> 'candidate_id', 'code', w -> 'code')))
      FROM counts c
-    WHERE b.id = ANY(ARRAY(SELECT id FROM locked_batches)) AND b.id = c.batch_id),
+    WHERE b.id = ANY(ARRAY(SELECT id FROM locked_batches)) AND b.id = c.batch_id
+   -- Completed by this statement: the batch row is locked, so of two groups settling a
+   -- batch's last items at once exactly one sees its pending count reach zero.
+   RETURNING CASE WHEN b.status = 'completed' THEN webhook_batch(b) END AS completed),
+events AS (
+   INSERT INTO webhook_events (id, type, payload)
+   SELECT webhook_message_id(), e.kind, webhook_body(e.kind, e.data)
+     FROM (SELECT 'item.failed' AS kind, failed_item AS data FROM applied
+            WHERE failed_item IS NOT NULL
+           UNION ALL
+           SELECT 'batch.completed', completed FROM tally WHERE completed IS NOT NULL) e
+    WHERE webhook_subscribed(e.kind)),
 suppressed AS (
    INSERT INTO suppressions (email, reply, item_id)
    SELECT DISTINCT ON (lower(btrim(t.suppress))) lower(btrim(t.suppress)),
