@@ -28,7 +28,7 @@ use crate::domain::{
 pub const CHANNEL: &str = "webhook_deliveries";
 
 /// The advisory lock the link sweep holds (`pg_try_advisory_xact_lock`).
-pub const SWEEP_LOCK_KEY: i64 = 0x696e_7669_7465_7202;
+pub const SWEEP_LOCK_KEY: i64 = 0x696e_7669_7465_7203;
 
 /// An endpoint, as the API shows it (never its secret).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -565,4 +565,20 @@ pub fn host_of(url: &str) -> String {
         .ok()
         .and_then(|u| u.host_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// Per endpoint: (endpoint id, pending deliveries, failed deliveries).
+pub(crate) async fn delivery_counts(
+    db: impl PgExecutor<'_>,
+) -> sqlx::Result<Vec<(Uuid, i64, i64)>> {
+    sqlx::query_as(
+        "SELECT endpoint_id,
+                count(*) FILTER (WHERE status = 'pending'),
+                count(*) FILTER (WHERE status = 'failed')
+           FROM webhook_deliveries
+          WHERE status IN ('pending', 'failed')
+          GROUP BY endpoint_id",
+    )
+    .fetch_all(db)
+    .await
 }

@@ -534,3 +534,90 @@ async fn the_console_is_not_served_when_disabled() {
         .expect("request");
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn the_webhooks_pages_list_deliveries_and_an_operator_replays_one() {
+    let app = spawn_app_with(|s| s.webhooks.allow_private_targets = true).await;
+    add_operator(&app, "ada", "operator").await;
+    add_operator(&app, "vic", "viewer").await;
+    // Nothing listens on port 1: every attempt is a refused connection.
+    let r = app
+        .post_json(
+            "/v1/webhooks",
+            &json!({"url": "http://127.0.0.1:1/hook", "events": ["item.failed"],
+                    "description": "<b>recruiting</b> app"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let endpoint: Value = r.json().await.expect("json");
+    let endpoint = endpoint["id"].as_str().expect("id").to_owned();
+    app.open_job("job-w").await;
+    let id = app
+        .create_batch(
+            "job-w",
+            vec![json!({"id": "w-0", "email": "not-an-address"})],
+        )
+        .await;
+    app.wait_until_completed(&id).await;
+    let deliveries = format!("/v1/webhooks/{endpoint}/deliveries");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let delivery = loop {
+        let list = app.get_json(&deliveries).await;
+        let first = &list["deliveries"][0];
+        if first["attempts"].as_i64().unwrap_or(0) >= 1 {
+            break first["id"].as_str().expect("id").to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no attempt: {list}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+
+    let viewer = sign_in(&app, "vic").await;
+    let html = viewer.page("/console/webhooks").await;
+    assert!(
+        html.contains("&#60;b&#62;recruiting&#60;/b&#62; app"),
+        "{html}"
+    );
+    assert!(
+        html.contains(&format!("href=\"/console/webhooks/{endpoint}\"")),
+        "{html}"
+    );
+    let page = format!("/console/webhooks/{endpoint}");
+    let html = viewer.page(&page).await;
+    assert!(
+        html.contains(&format!("data-delivery-id=\"{delivery}\"")),
+        "{html}"
+    );
+    assert!(html.contains("item.failed"), "{html}");
+    assert!(
+        !html.contains("class=\"replay\""),
+        "a viewer gets no replay: {html}"
+    );
+
+    let operator = sign_in(&app, "ada").await;
+    let html = operator.page(&page).await;
+    assert!(html.contains("class=\"replay\""), "{html}");
+    let replay = format!("/console/webhooks/{endpoint}/deliveries/{delivery}/replay");
+    let r = viewer.post(&replay, &[("csrf", &viewer.csrf)]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = operator.post(&replay, &[("csrf", "forged")]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = operator.post(&replay, &[("csrf", &operator.csrf)]).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        r.headers()[header::LOCATION],
+        format!("/console/webhooks/{endpoint}?done=replayed").as_str()
+    );
+    let audit = app.get_json("/v1/audit?actor=operator:ada").await;
+    assert_eq!(
+        audit["entries"].as_array().expect("entries").len(),
+        1,
+        "{audit}"
+    );
+    assert_eq!(audit["entries"][0]["action"], "webhook.delivery_replayed");
+    let list = app.get_json(&deliveries).await;
+    assert_eq!(
+        list["deliveries"].as_array().expect("deliveries").len(),
+        2,
+        "{list}"
+    );
+}

@@ -3,7 +3,7 @@
 //! JavaScript, signed in with an operator the CLI created, over the same database
 //! functions as the API and the CLI.
 //!
-//! Files depend one way: `pages` → `session` → `view`.
+//! Files depend one way: `pages`, `webhooks` → `session` → `view`.
 //!
 //! - Sign-in sets a session cookie (`HttpOnly`, `Secure` unless
 //!   `console.insecure_cookie`, `SameSite=Strict`) whose token the database knows only
@@ -19,6 +19,7 @@
 mod pages;
 mod session;
 mod view;
+mod webhooks;
 
 use axum::{
     Router,
@@ -54,6 +55,12 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/dead", get(pages::dead))
         .route("/dead/retry", post(pages::retry_dead))
         .route("/audit", get(pages::audit))
+        .route("/webhooks", get(webhooks::list))
+        .route("/webhooks/{id}", get(webhooks::endpoint))
+        .route(
+            "/webhooks/{id}/deliveries/{delivery_id}/replay",
+            post(webhooks::replay),
+        )
         .route("/live/overview", get(pages::live_overview))
         .route("/live/batches/{id}", get(pages::live_batch))
         .route("/static/console.css", get(pages::stylesheet))

@@ -36,13 +36,13 @@ use crate::{
 const LIST_LIMIT: i64 = 100;
 
 /// A time as pages show it.
-fn when(t: DateTime<Utc>) -> String {
+pub(super) fn when(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
 /// The query string's pairs, decoded leniently (a malformed pair is read as text, never
 /// refused: the console's filters are only conveniences).
-fn query(uri: &Uri) -> BTreeMap<String, String> {
+pub(super) fn query(uri: &Uri) -> BTreeMap<String, String> {
     form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
         .into_owned()
         .collect()
@@ -251,7 +251,7 @@ struct BatchPage {
 }
 
 /// What an action did, as the page it returns to says it.
-fn notice(q: &BTreeMap<String, String>) -> Option<String> {
+pub(super) fn notice(q: &BTreeMap<String, String>) -> Option<String> {
     let n = q.get("n").and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
     let text = match q.get("done").map(String::as_str)? {
         "retried" => format!("Retrying {n} item(s)."),
@@ -263,6 +263,8 @@ fn notice(q: &BTreeMap<String, String>) -> Option<String> {
                    in a few minutes."
             .into(),
         "tasks-retried" => format!("{n} dead task(s) will run again."),
+        "replayed" => "The event is queued for delivery again (same webhook-id).".into(),
+        "disabled" => "The endpoint is disabled (it answered 410 Gone): nothing was sent.".into(),
         _ => return None,
     };
     Some(text)
