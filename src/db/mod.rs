@@ -88,7 +88,10 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
 /// planner's usual freedom, a plan made while a table was nearly empty (a fresh
 /// database) kept scanning it whole as it grew. So these connections plan once, and
 /// the planner may not choose a sequential or bitmap scan, a hash or a merge join:
-/// what remains is the index lookups the statements are written for. The connection
+/// what remains is the index lookups the statements are written for. A scan that has no
+/// index to use (a tiny table such as `webhook_endpoints`) then carries the planner's
+/// penalty cost, which would pass JIT's thresholds and compile, at tens of milliseconds,
+/// a statement that runs in microseconds: JIT is off too. The connection
 /// is closed, not returned to the pool, when the writer lets go of it, so these
 /// settings never reach another user of the pool.
 pub async fn writer_connection(
@@ -101,7 +104,8 @@ pub async fn writer_connection(
          SET enable_seqscan = off;
          SET enable_bitmapscan = off;
          SET enable_hashjoin = off;
-         SET enable_mergejoin = off;",
+         SET enable_mergejoin = off;
+         SET jit = off;",
     )
     .execute(&mut *conn)
     .await?;

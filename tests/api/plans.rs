@@ -152,6 +152,81 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
             "prepare_items reads {table}: plans seen for {relations:?} in {plans:#?}"
         );
     }
+
+    // Phase 3 run for real, the item failing and its batch completing, with an endpoint
+    // subscribed to both events: every statement it runs, the webhook functions' nested
+    // ones included. `webhook_endpoints` is the one table read without an index (there
+    // are few endpoints, and the lookup is by event type). Such a scan costs the
+    // planner's penalty on this connection, far above JIT's thresholds: no plan may be
+    // compiled, since that costs tens of milliseconds for microseconds of work.
+    sqlx::raw_sql(
+        "INSERT INTO webhook_endpoints (id, url, events, secret, created_by)
+              VALUES ('00000000-0000-0000-0000-000000000005', 'https://hooks.example.com/',
+                      ARRAY['item.failed', 'batch.completed'], 'whsec_dGVzdA==', 'key:test');",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("an endpoint");
+    let applied: Vec<(uuid::Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(
+        "EXECUTE record (ARRAY['00000000-0000-0000-0000-000000000002']::uuid[],
+                         ARRAY['01J00000000000000000000000'], ARRAY['failed'],
+                         ARRAY['rejected'], ARRAY['550 5.7.1 no'], ARRAY[NULL]::text[],
+                         ARRAY[NULL]::timestamptz[], ARRAY[NULL]::text[],
+                         ARRAY['01J00000000000000000000000'], ARRAY[NULL]::text[],
+                         ARRAY[false], ARRAY['rejected'], ARRAY['550 5.7.1 no'], 'plans')",
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .expect("record_outcomes runs");
+    assert_eq!(applied.len(), 1, "the outcome was applied");
+    let events: Vec<String> = sqlx::query_scalar(
+        "SELECT e.type FROM webhook_events e JOIN webhook_deliveries d \
+                            ON d.event_id = e.id ORDER BY e.type",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("events");
+    assert_eq!(
+        events,
+        ["batch.completed", "item.failed"],
+        "both events, delivered"
+    );
+    let plans: Vec<Value> = notices
+        .take()
+        .iter()
+        .filter_map(|n| {
+            n.find('{')
+                .and_then(|at| serde_json::from_str(&n[at..]).ok())
+        })
+        .collect();
+    let nested = plans
+        .iter()
+        .filter(|p| {
+            p["Query Text"]
+                .as_str()
+                .is_some_and(|q| q.contains("FROM webhook_endpoints"))
+        })
+        .count();
+    assert!(
+        nested > 0,
+        "the webhook functions' statements were seen: {plans:#?}"
+    );
+    for plan in &plans {
+        assert!(
+            plan.get("JIT").is_none(),
+            "a writer's statement was JIT-compiled: {plan:#}"
+        );
+        let mut scans = Vec::new();
+        table_scans(&plan["Plan"], &mut scans);
+        let unbounded: Vec<_> = scans
+            .iter()
+            .filter(|(_, relation, cond)| !cond && relation != "webhook_endpoints")
+            .collect();
+        assert!(
+            unbounded.is_empty(),
+            "record_outcomes: scans without an index condition {unbounded:?} in {plan:#}"
+        );
+    }
 }
 
 /// The notices the server sends, by way of sqlx's log events.
