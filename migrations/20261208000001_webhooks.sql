@@ -123,8 +123,10 @@ LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object('type', kind, 'timestamp', webhook_time(now()), 'data', data)
 $$;
 
--- The batch resource as `GET /v1/batches/{id}` gives it, except that warnings quoting an
--- address have it replaced by `[erased]`: an event holds no address.
+-- The batch resource as `GET /v1/batches/{id}` gives it, except in the warnings: an
+-- `invalid_email` warning quotes the address as it was given (perhaps a name typed into
+-- the email field), so its message becomes a fixed text, and anything else that looks
+-- like an address becomes `[erased]`: an event holds no address.
 CREATE FUNCTION webhook_batch(b batches) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
@@ -134,10 +136,16 @@ LANGUAGE sql STABLE AS $$
                                      'failed', b.failed, 'skipped', b.skipped),
         'summary', b.sent || ' sent, ' || b.failed || ' failed'
                    || CASE WHEN b.skipped > 0 THEN ', ' || b.skipped || ' skipped' ELSE '' END,
-        'warnings', coalesce((SELECT jsonb_agg(CASE WHEN w ? 'message'
-                                                    THEN jsonb_set(w, '{message}', to_jsonb(erase_addresses(w ->> 'message')))
-                                                    ELSE w END)
-                                FROM jsonb_array_elements(b.warnings) AS w), '[]'::jsonb),
+        'warnings', coalesce((SELECT jsonb_agg(
+                                  CASE WHEN w ->> 'code' = 'invalid_email'
+                                       THEN jsonb_set(w, '{message}',
+                                                      to_jsonb('the address cannot be emailed'::text))
+                                       WHEN w ? 'message'
+                                       THEN jsonb_set(w, '{message}',
+                                                      to_jsonb(erase_addresses(w ->> 'message')))
+                                       ELSE w END ORDER BY n)
+                                FROM jsonb_array_elements(b.warnings) WITH ORDINALITY AS e(w, n)),
+                             '[]'::jsonb),
         'created_by', b.created_by,
         'created_at', webhook_time(b.created_at),
         'completed_at', webhook_time(b.completed_at),

@@ -66,8 +66,12 @@ pub struct WebhookSettings {
     pub allow_private_targets: bool,
     /// Attempts in flight per worker process.
     pub concurrency: usize,
-    /// Attempts in flight to one endpoint, across all processes.
+    /// Attempts in flight to one endpoint, across all processes; below `concurrency`,
+    /// so an endpoint that hangs leaves slots to the others.
     pub per_endpoint_concurrency: usize,
+    /// Endpoints that may be registered (each event is fanned out to each one that
+    /// subscribes, in the transaction that writes it).
+    pub max_endpoints: usize,
     /// How often due retries are looked for (new events wake the loop at once).
     pub poll_interval_ms: u64,
     /// Events are deleted this long after they were written, once no delivery of theirs
@@ -537,8 +541,14 @@ impl Settings {
         if !(1..=1000).contains(&w.concurrency) {
             return fail("webhooks.concurrency", "must be 1 to 1000");
         }
-        if !(1..=1000).contains(&w.per_endpoint_concurrency) {
-            return fail("webhooks.per_endpoint_concurrency", "must be 1 to 1000");
+        if w.per_endpoint_concurrency == 0 || w.per_endpoint_concurrency >= w.concurrency {
+            return fail(
+                "webhooks.per_endpoint_concurrency",
+                "must be at least 1 and below webhooks.concurrency",
+            );
+        }
+        if !(1..=1000).contains(&w.max_endpoints) {
+            return fail("webhooks.max_endpoints", "must be 1 to 1000");
         }
         if !(1..=60_000).contains(&w.poll_interval_ms) {
             return fail("webhooks.poll_interval_ms", "must be 1 to 60000");

@@ -62,16 +62,29 @@ pub(crate) struct NewEndpoint<'a> {
     pub(crate) description: &'a str,
 }
 
-/// Creates an endpoint with a new secret, as `actor`; answers it and its secret (shown
-/// only this once).
+/// Creates an endpoint with a new secret, as `actor`, unless `max` endpoints exist
+/// already (`None`); answers it and its secret (shown only this once). Every event is
+/// fanned out to every subscribed endpoint in the transaction that writes it, so their
+/// number is bounded.
 pub(crate) async fn create(
     pool: &PgPool,
     new: &NewEndpoint<'_>,
+    max: usize,
     actor: &Actor,
     created_by: &str,
-) -> sqlx::Result<(Endpoint, String)> {
+) -> sqlx::Result<Option<(Endpoint, String)>> {
     let secret = new_secret();
     let mut tx = pool.begin().await?;
+    // Two creations at once must not both see room for one more; readers go on.
+    sqlx::query("LOCK TABLE webhook_endpoints IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints")
+        .fetch_one(&mut *tx)
+        .await?;
+    if usize::try_from(count).unwrap_or(usize::MAX) >= max {
+        return Ok(None);
+    }
     let endpoint: Endpoint = sqlx::query_as(concat!(
         "INSERT INTO webhook_endpoints (id, url, events, description, secret, created_by)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
@@ -96,7 +109,7 @@ pub(crate) async fn create(
     )
     .await?;
     tx.commit().await?;
-    Ok((endpoint, secret))
+    Ok(Some((endpoint, secret)))
 }
 
 /// Every endpoint, oldest first.
@@ -215,6 +228,17 @@ pub(crate) async fn deliveries(
     status: Option<DeliveryStatus>,
     limit: i64,
 ) -> sqlx::Result<Option<Vec<DeliveryView>>> {
+    deliveries_where(conn, endpoint, status, None, limit).await
+}
+
+/// Its deliveries, or the one delivery `only`, as [`deliveries`] shows them.
+async fn deliveries_where(
+    conn: &mut PgConnection,
+    endpoint: Uuid,
+    status: Option<DeliveryStatus>,
+    only: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Option<Vec<DeliveryView>>> {
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = $1)")
             .bind(endpoint)
@@ -238,12 +262,14 @@ pub(crate) async fn deliveries(
            FROM webhook_deliveries d
            JOIN webhook_events e ON e.id = d.event_id
           WHERE d.endpoint_id = $1 AND ($2::text IS NULL OR d.status = $2)
+            AND ($4::uuid IS NULL OR d.id = $4)
           ORDER BY d.created_at DESC, d.id DESC
           LIMIT $3",
     )
     .bind(endpoint)
     .bind(status)
     .bind(limit)
+    .bind(only)
     .fetch_all(&mut *conn)
     .await?;
     Ok(Some(rows))
@@ -302,9 +328,9 @@ pub(crate) async fn replay(
     let action = AuditAction::WebhookDeliveryReplayed;
     super::audit::record(&mut tx, actor, action, &id.to_string(), detail).await?;
     tx.commit().await?;
-    let view = deliveries(&mut *pool.acquire().await?, endpoint, None, 1_000)
+    let view = deliveries_where(&mut *pool.acquire().await?, endpoint, None, Some(id), 1)
         .await?
-        .and_then(|all| all.into_iter().find(|d| d.id == id));
+        .and_then(|one| one.into_iter().next());
     Ok(view.map_or(Replay::NotFound, Replay::Queued))
 }
 
@@ -394,8 +420,9 @@ pub async fn delete_old_events(pool: &PgPool, days: u32, limit: i64) -> sqlx::Re
     Ok(deleted)
 }
 
-/// A delivery claimed for one attempt: what to send, where, and how to sign it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A delivery claimed for one attempt: what to send, where, and how to sign it. Its
+/// `Debug` leaves out the secret and the URL's path (a receiver may put a token there).
+#[derive(Clone, sqlx::FromRow)]
 pub struct Claimed {
     pub id: Uuid,
     pub event_id: String,
@@ -405,6 +432,22 @@ pub struct Claimed {
     pub body: String,
     pub url: String,
     pub secret: String,
+    /// The endpoint was disabled since the delivery was queued: record it as failed,
+    /// do not send it.
+    pub disabled: bool,
+}
+
+impl std::fmt::Debug for Claimed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claimed")
+            .field("id", &self.id)
+            .field("event_id", &self.event_id)
+            .field("endpoint_id", &self.endpoint_id)
+            .field("attempt", &self.attempt)
+            .field("host", &host_of(&self.url))
+            .field("disabled", &self.disabled)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Claims up to `limit` due deliveries for one attempt each, for `lease`: pending ones
@@ -487,14 +530,22 @@ pub async fn record_attempt(
     let duration_ms = i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX);
     let status_code = result.status_code.map(i32::from);
     let mut tx = pool.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE webhook_deliveries
-            SET status = $3, locked_until = NULL,
-                next_attempt_at = CASE WHEN $3 = 'pending'
+    // No retry for an endpoint disabled meanwhile (another delivery to it got 410
+    // while this one was in flight): the delivery fails here.
+    let updated: Option<DeliveryStatus> = sqlx::query_scalar(
+        "WITH settled AS (
+            SELECT CASE WHEN $3 = 'pending' AND w.disabled_at IS NOT NULL THEN 'failed'
+                        ELSE $3 END AS status
+              FROM webhook_endpoints w WHERE w.id = $8)
+         UPDATE webhook_deliveries d
+            SET status = s.status, locked_until = NULL,
+                next_attempt_at = CASE WHEN s.status = 'pending'
                                        THEN now() + make_interval(secs => $4) END,
-                finished_at = CASE WHEN $3 IN ('succeeded', 'failed') THEN now() END,
+                finished_at = CASE WHEN s.status IN ('succeeded', 'failed') THEN now() END,
                 last_status_code = $5, last_error = $6, last_duration_ms = $7
-          WHERE id = $1 AND status = 'sending' AND attempts = $2",
+           FROM settled s
+          WHERE d.id = $1 AND d.status = 'sending' AND d.attempts = $2
+         RETURNING d.status",
     )
     .bind(claimed.id)
     .bind(claimed.attempt)
@@ -503,12 +554,16 @@ pub async fn record_attempt(
     .bind(status_code)
     .bind(result.error.as_deref())
     .bind(duration_ms)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if updated == 0 {
-        return Ok(Recorded::Stale);
-    }
+    .bind(claimed.endpoint_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let outcome = match updated {
+        None => return Ok(Recorded::Stale),
+        Some(DeliveryStatus::Failed) if matches!(outcome, Recorded::RetryAfter(_)) => {
+            Recorded::Failed
+        }
+        Some(_) => outcome,
+    };
     sqlx::query(
         "INSERT INTO webhook_attempts (delivery_id, number, started_at, status_code,
                                        duration_ms, error)
@@ -534,9 +589,11 @@ pub async fn record_attempt(
         .rows_affected();
         sqlx::query(
             "UPDATE webhook_deliveries
-                SET status = 'failed', next_attempt_at = NULL, finished_at = now(),
+                SET status = 'failed', next_attempt_at = NULL, locked_until = NULL,
+                    finished_at = now(),
                     last_error = 'not sent: the endpoint is disabled (410 Gone)'
-              WHERE endpoint_id = $1 AND status = 'pending'",
+              WHERE endpoint_id = $1
+                AND (status = 'pending' OR (status = 'sending' AND locked_until <= now()))",
         )
         .bind(claimed.endpoint_id)
         .execute(&mut *tx)

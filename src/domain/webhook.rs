@@ -58,6 +58,10 @@ pub fn check_endpoint_url(raw: &str, allow_private: bool) -> Result<url::Url, St
         return Err("url: at most 2048 characters".into());
     }
     let url = url::Url::parse(raw).map_err(|e| format!("url: not a valid URL ({e})"))?;
+    // As stored: parsing percent-encodes and punycodes, so the URL can grow.
+    if url.as_str().len() > 2048 {
+        return Err("url: at most 2048 characters once encoded".into());
+    }
     match url.scheme() {
         "https" => {}
         "http" if allow_private => {}
@@ -122,6 +126,9 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (s[0] & 0xfe00) == 0xfc00                // unique local
         || (s[0] & 0xffc0) == 0xfe80                // link-local
+        || (s[0] & 0xffc0) == 0xfec0                // site-local (deprecated, still private)
+        || s[0..4] == [0x0100, 0, 0, 0]             // discard-only
+        || (s[0] == 0x2001 && s[1] == 0)            // Teredo: an IPv4 address inside
         || (s[0] == 0x2001 && s[1] == 0x0db8)       // documentation
         || (s[0] == 0x0064 && s[1] == 0xff9b)       // NAT64: an IPv4 address inside
         || s[0] == 0x2002                           // 6to4: an IPv4 address inside
@@ -152,6 +159,9 @@ mod tests {
             "::ffff:10.0.0.1",
             "64:ff9b::a00:1",
             "2002:a00:1::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "fec0::1",
+            "100::1",
         ] {
             let ip: IpAddr = private.parse().expect("address");
             assert!(!is_public(ip), "{private} is not public");
@@ -177,6 +187,11 @@ mod tests {
             assert!(check_endpoint_url(bad, false).is_err(), "{bad}");
         }
         assert!(check_endpoint_url("http://127.0.0.1:9000/in", true).is_ok());
+        // 1,800 characters as typed, over 2,048 once percent-encoded as stored.
+        let spaced = format!("https://hooks.example.com/{}", " x".repeat(900));
+        assert!(spaced.len() <= 2048);
+        let refused = check_endpoint_url(&spaced, false).expect_err("too long once encoded");
+        assert!(refused.contains("2048"), "{refused}");
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub(crate) struct CreateEndpoint {
 
 /// An endpoint with its secret: the answer to a create or a rotation, the only ones
 /// that show the secret.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+/// No `Debug`: it holds a secret.
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct EndpointWithSecret {
     #[serde(flatten)]
     pub(crate) endpoint: Endpoint,
@@ -76,7 +77,7 @@ pub(crate) struct DeliveriesQuery {
     responses((status = 201, description = "Created; the secret is shown only here", body = EndpointWithSecret),
         (status = 401, description = "unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "forbidden: the key lacks the route's scope", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "validation_failed: a bad URL, no or unknown event types", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "validation_failed: a bad URL, no or unknown event types, or webhooks.max_endpoints reached", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,8 +107,14 @@ pub(crate) async fn create(
         events: &events,
         description: &description,
     };
-    let (endpoint, secret) =
-        db::webhooks::create(&state.pool, &new, &caller.actor(), &caller.name).await?;
+    let max = state.settings.webhooks.max_endpoints;
+    let Some((endpoint, secret)) =
+        db::webhooks::create(&state.pool, &new, max, &caller.actor(), &caller.name).await?
+    else {
+        return Err(ApiError::Validation(format!(
+            "at most {max} endpoints (webhooks.max_endpoints): delete one first"
+        )));
+    };
     tracing::info!(webhook = %endpoint.id, host = %db::webhooks::host_of(&endpoint.url),
         "webhook endpoint created");
     let location = format!("/v1/webhooks/{}", endpoint.id);

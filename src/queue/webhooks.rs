@@ -158,7 +158,16 @@ async fn deliver(
     schedule: &[Duration],
     worker: &Actor,
 ) {
-    let result = client.attempt(delivery).await;
+    let result = if delivery.disabled {
+        webhooks::AttemptResult {
+            started_at: chrono::Utc::now(),
+            duration: Duration::ZERO,
+            status_code: None,
+            error: Some("not sent: the endpoint is disabled".into()),
+        }
+    } else {
+        client.attempt(delivery).await
+    };
     let host = webhooks::host_of(&delivery.url);
     let recorded = webhooks::record_attempt(pool, delivery, &result, schedule, worker).await;
     let duration_ms = u64::try_from(result.duration.as_millis()).unwrap_or(u64::MAX);

@@ -544,7 +544,7 @@ async fn the_webhooks_pages_list_deliveries_and_an_operator_replays_one() {
     let r = app
         .post_json(
             "/v1/webhooks",
-            &json!({"url": "http://127.0.0.1:1/hook", "events": ["item.failed"],
+            &json!({"url": "http://127.0.0.1:1/hook?token=receivers-own", "events": ["item.failed"],
                     "description": "<b>recruiting</b> app"}),
         )
         .await;
@@ -582,6 +582,12 @@ async fn the_webhooks_pages_list_deliveries_and_an_operator_replays_one() {
         "{html}"
     );
     let page = format!("/console/webhooks/{endpoint}");
+    for html in [html, viewer.page(&page).await] {
+        assert!(
+            html.contains("http://127.0.0.1/…") && !html.contains("receivers-own"),
+            "a viewer sees the host, not the rest of the URL: {html}"
+        );
+    }
     let html = viewer.page(&page).await;
     assert!(
         html.contains(&format!("data-delivery-id=\"{delivery}\"")),
@@ -596,6 +602,10 @@ async fn the_webhooks_pages_list_deliveries_and_an_operator_replays_one() {
     let operator = sign_in(&app, "ada").await;
     let html = operator.page(&page).await;
     assert!(html.contains("class=\"replay\""), "{html}");
+    assert!(
+        html.contains("receivers-own"),
+        "an operator sees the whole URL: {html}"
+    );
     let replay = format!("/console/webhooks/{endpoint}/deliveries/{delivery}/replay");
     let r = viewer.post(&replay, &[("csrf", &viewer.csrf)]).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);

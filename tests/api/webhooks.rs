@@ -17,7 +17,8 @@ use axum::{
     Router,
     body::Bytes,
     extract::State,
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode, header},
+    response::IntoResponse,
     routing::post,
 };
 use reqwest::Response;
@@ -25,7 +26,9 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::Notify};
 
 use crate::{
-    helpers::{KEY, TestApp, candidates, expect_problem, spawn_app, spawn_app_with},
+    helpers::{
+        KEY, TestApp, candidates, expect_problem, prepare_app_with, spawn_app, spawn_app_with,
+    },
     process::Service,
 };
 
@@ -35,8 +38,8 @@ enum Answer {
     Status(u16),
     /// Never answers (until the connection is dropped by the sender).
     Hang,
-    /// Answers 200 once the test calls [`Receiver::release`].
-    HoldThen200,
+    /// Answers this status once the test calls [`Receiver::release`].
+    HoldThen(u16),
 }
 
 /// One request the receiver got.
@@ -60,6 +63,8 @@ struct Inner {
     plan: Mutex<VecDeque<Answer>>,
     arrived: Notify,
     released: tokio::sync::watch::Sender<bool>,
+    /// Where a 3xx answer points.
+    location: Mutex<Option<String>>,
 }
 
 /// A webhook receiver over real HTTP on 127.0.0.1: answers each request by its plan
@@ -132,7 +137,11 @@ impl Drop for Receiver {
     }
 }
 
-async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn receive(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
     let header = |name: &str| {
         headers
             .get(name)
@@ -154,12 +163,22 @@ async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
         .pop_front()
         .unwrap_or(Answer::Status(200));
     match answer {
-        Answer::Status(code) => StatusCode::from_u16(code).expect("a status"),
+        Answer::Status(code) => {
+            let status = StatusCode::from_u16(code).expect("a status");
+            match inner.location.lock().expect("lock").clone() {
+                Some(to) if status.is_redirection() => {
+                    (status, [(header::LOCATION, to)]).into_response()
+                }
+                _ => status.into_response(),
+            }
+        }
         Answer::Hang => std::future::pending().await,
-        Answer::HoldThen200 => {
+        Answer::HoldThen(code) => {
             let mut released = inner.released.subscribe();
             let _ = released.wait_for(|r| *r).await;
-            StatusCode::OK
+            StatusCode::from_u16(code)
+                .expect("a status")
+                .into_response()
         }
     }
 }
@@ -167,18 +186,34 @@ async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
 /// Verifies a delivery with the `standardwebhooks` Python package (an implementation
 /// of the scheme written by others): Ok, or the verifier's complaint.
 fn verify_independently(secret: &str, r: &Received) -> Result<(), String> {
+    run_verifier(secret, r, false)
+}
+
+/// Like [`verify_independently`], with `r` first signed anew by the package itself
+/// (for its own timestamp), so that only the timestamp can be wrong.
+fn verify_resigned(secret: &str, r: &Received) -> Result<(), String> {
+    run_verifier(secret, r, true)
+}
+
+fn run_verifier(secret: &str, r: &Received, resign: bool) -> Result<(), String> {
     const SCRIPT: &str = r#"
 import json, sys
+from datetime import datetime, timezone
 from standardwebhooks.webhooks import Webhook
 req = json.load(sys.stdin)
+hook, headers = Webhook(req["secret"]), req["headers"]
+if req["resign"]:
+    at = datetime.fromtimestamp(int(headers["webhook-timestamp"]), timezone.utc)
+    headers["webhook-signature"] = hook.sign(headers["webhook-id"], at, req["body"].encode())
 try:
-    Webhook(req["secret"]).verify(req["body"].encode(), req["headers"])
+    hook.verify(req["body"].encode(), headers)
 except Exception as e:
     print(type(e).__name__, e)
     sys.exit(1)
 "#;
     let input = json!({
         "secret": secret,
+        "resign": resign,
         "body": r.body,
         "headers": {
             "webhook-id": r.id,
@@ -374,10 +409,16 @@ async fn events_are_signed_so_an_independent_verifier_accepts_them_and_rejects_t
     assert_eq!(item["data"]["candidate_id"], "c-1");
     assert_eq!(item["data"]["reason"], "invalid_email");
     assert_eq!(item["data"]["batch_id"], done["id"]);
-    assert!(
-        !failed[0].body.contains("not-an-email") && !failed[0].body.contains("@example.com"),
-        "an event carries no address: {}",
-        failed[0].body
+    for r in [completed[0], failed[0]] {
+        assert!(
+            !r.body.contains("not-an-email") && !r.body.contains("@example.com"),
+            "an event carries no address: {}",
+            r.body
+        );
+    }
+    assert_eq!(
+        event["data"]["warnings"][0]["code"], "invalid_email",
+        "the warning is there, without the address: {event}"
     );
 
     for r in &got {
@@ -392,12 +433,15 @@ async fn events_are_signed_so_an_independent_verifier_accepts_them_and_rejects_t
         verify_independently(&secret, &tampered).is_err(),
         "a tampered body is rejected"
     );
+    // Signed correctly an hour ago (a replayed capture): refused for its age alone.
     let mut old = genuine.clone();
+    verify_resigned(&secret, &old).expect("signed anew for its own time, it verifies");
     let ts: i64 = old.timestamp.parse().expect("unix seconds");
     old.timestamp = (ts - 3600).to_string();
+    let refused = verify_resigned(&secret, &old).expect_err("an old timestamp is refused");
     assert!(
-        verify_independently(&secret, &old).is_err(),
-        "an old timestamp is rejected"
+        refused.contains("too old"),
+        "refused for its age: {refused}"
     );
     let wrong_key = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     assert!(verify_independently(wrong_key, genuine).is_err());
@@ -477,7 +521,7 @@ async fn a_hanging_endpoint_does_not_delay_events_to_another() {
         s.webhooks.per_endpoint_concurrency = 2;
     })
     .await;
-    let held = Receiver::start(std::iter::repeat_n(Answer::HoldThen200, 20)).await;
+    let held = Receiver::start(std::iter::repeat_n(Answer::HoldThen(200), 20)).await;
     let fast = Receiver::start([]).await;
     app.create_webhook(&held.url(), &["item.failed"]).await;
     app.create_webhook(&fast.url(), &["item.failed"]).await;
@@ -544,6 +588,108 @@ async fn an_endpoint_answering_410_is_disabled_and_gets_nothing_more() {
         ))
         .await;
     expect_problem(r, StatusCode::CONFLICT, "invalid_transition").await;
+}
+
+/// A delivery in flight when another one to the same endpoint gets 410 is not retried:
+/// the endpoint is disabled, so its failure is final, and nothing more is sent there.
+#[tokio::test]
+async fn a_410_also_ends_the_deliveries_in_flight_to_that_endpoint() {
+    let app = spawn_app_with(|s| s.webhooks.retry_schedule_secs = vec![1, 1, 1]).await;
+    let gone = Receiver::start([Answer::HoldThen(500), Answer::Status(410)]).await;
+    let (webhook, _) = app.create_webhook(&gone.url(), &["item.failed"]).await;
+    app.open_job("job-g2").await;
+    let mut people = candidates("g2", 2);
+    for p in &mut people {
+        p["email"] = json!("nobody");
+    }
+    let batch = app.create_batch("job-g2", people).await;
+    app.wait_until_completed(&batch).await;
+    // One attempt held, the other answered 410.
+    gone.wait_for("both attempts", |g| g.len() >= 2).await;
+    eventually("the endpoint is disabled", || async {
+        let e = app.get_json(&format!("/v1/webhooks/{webhook}")).await;
+        (e["enabled"] == false).then_some(())
+    })
+    .await;
+    gone.release();
+    let failed = eventually("both deliveries failed", || async {
+        let d = app.deliveries(&webhook, Some("failed")).await;
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    let mut codes: Vec<i64> = failed
+        .iter()
+        .filter_map(|d| d["last_status_code"].as_i64())
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(codes, [410, 500], "{failed:?}");
+    assert!(failed.iter().all(|d| d["attempts"] == 1), "{failed:?}");
+    // A retry would have come a second after the 500.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(gone.received().len(), 2, "nothing more was sent");
+}
+
+/// Redirects are not followed: a 307 is a failed attempt, retried at the endpoint's own
+/// URL, and the place it points to hears nothing.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let app = spawn_app_with(|s| s.webhooks.retry_schedule_secs = vec![1]).await;
+    let elsewhere = Receiver::start([]).await;
+    let redirecting = Receiver::start([Answer::Status(307)]).await;
+    *redirecting.inner.location.lock().expect("lock") = Some(elsewhere.url());
+    let (webhook, _) = app
+        .create_webhook(&redirecting.url(), &["batch.completed"])
+        .await;
+    app.open_job("job-307").await;
+    let batch = app.create_batch("job-307", candidates("r7", 1)).await;
+    app.wait_until_completed(&batch).await;
+    let done = eventually("the delivery succeeded on its second attempt", || async {
+        let d = app.deliveries(&webhook, Some("succeeded")).await;
+        (d.len() == 1).then(|| d[0].clone())
+    })
+    .await;
+    assert_eq!(done["attempts"], 2, "{done}");
+    assert_eq!(done["attempts_made"][0]["status_code"], 307, "{done}");
+    assert_eq!(redirecting.received().len(), 2);
+    assert!(
+        elsewhere.received().is_empty(),
+        "the redirect was not followed"
+    );
+}
+
+/// `webhooks.max_endpoints` bounds the endpoints (each event is fanned out to each one
+/// in the transaction that writes it): one more is a 422 that writes nothing.
+#[tokio::test]
+async fn endpoints_are_bounded_by_max_endpoints() {
+    let app = spawn_app_with(|s| s.webhooks.max_endpoints = 2).await;
+    let (first, _) = app
+        .create_webhook("http://127.0.0.1:9/a", &["batch.completed"])
+        .await;
+    app.create_webhook("http://127.0.0.1:9/b", &["batch.completed"])
+        .await;
+    let r = app
+        .post_json(
+            "/v1/webhooks",
+            &json!({"url": "http://127.0.0.1:9/c", "events": ["batch.completed"]}),
+        )
+        .await;
+    let problem = expect_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("max_endpoints")),
+        "{problem}"
+    );
+    let listed = app.get_json("/v1/webhooks").await;
+    assert_eq!(listed["webhooks"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        app.delete_path(&format!("/v1/webhooks/{first}"))
+            .await
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    app.create_webhook("http://127.0.0.1:9/c", &["batch.completed"])
+        .await;
 }
 
 #[tokio::test]
@@ -769,6 +915,113 @@ async fn batch_completed_is_sent_once_per_completion_under_concurrency_and_again
     assert_eq!(again[1]["data"]["counts"]["sent"], 4);
     second.terminate();
     app.stop().await;
+}
+
+/// The collision the exactly-once rule is about, made to happen rather than hoped for:
+/// two group writers record the last two items of one batch at once. The first holds
+/// the batch row; the second waits for it (seen waiting on a lock), then finds its
+/// item the last one. One `batch.completed` is written, with both items sent.
+#[tokio::test]
+async fn two_writers_settling_the_last_two_items_at_once_write_one_batch_completed() {
+    let app = prepare_app_with(|_| {}).await;
+    sqlx::raw_sql(
+        "INSERT INTO jobs (id, title, status) VALUES ('job-1', 'Engineer', 'open');
+         INSERT INTO batches (id, job_id, duration_minutes, on_duplicate, total, pending,
+                              status)
+              VALUES ('00000000-0000-0000-0000-0000000000b1', 'job-1', 30, 'skip', 2, 2,
+                      'running');
+         INSERT INTO batch_items (id, batch_id, position, candidate_id, email, task_id)
+              VALUES ('00000000-0000-0000-0000-0000000000a1',
+                      '00000000-0000-0000-0000-0000000000b1', 1, 'c-1', 'c1@example.com',
+                      '01J00000000000000000000001'),
+                     ('00000000-0000-0000-0000-0000000000a2',
+                      '00000000-0000-0000-0000-0000000000b1', 2, 'c-2', 'c2@example.com',
+                      '01J00000000000000000000002');
+         INSERT INTO invitations (id, job_id, candidate_id, batch_id, item_id, token_hash,
+                                  duration_minutes, expires_at)
+              SELECT gen_random_uuid(), 'job-1', candidate_id, batch_id, id,
+                     sha256(convert_to(candidate_id, 'UTF8')), 30, now() + interval '1 day'
+                FROM batch_items;
+         UPDATE batch_items i SET invitation_id = v.id FROM invitations v WHERE v.item_id = i.id;
+         INSERT INTO webhook_endpoints (id, url, events, secret, created_by)
+              VALUES ('00000000-0000-0000-0000-0000000000e1', 'https://hooks.example.com/',
+                      ARRAY['batch.completed'], 'whsec_dGVzdA==', 'key:test');",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("a running batch with two pending items");
+    let record = |item: u8| {
+        let pool = app.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.expect("a connection");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "PREPARE record (uuid[], text[], text[], text[], text[], text[], \
+                 timestamptz[], text[], text[], text[], bool[], text[], text[], text) AS {}",
+                invite_worker::db::tasks::RECORD_OUTCOMES
+            )))
+            .execute(&mut *conn)
+            .await
+            .expect("prepare");
+            let execute = format!(
+                "EXECUTE record (ARRAY['00000000-0000-0000-0000-0000000000a{item}']::uuid[],
+                                 ARRAY['01J0000000000000000000000{item}'], ARRAY['sent'],
+                                 ARRAY[NULL]::text[], ARRAY[NULL]::text[], ARRAY[NULL]::text[],
+                                 ARRAY[NULL]::timestamptz[], ARRAY[NULL]::text[],
+                                 ARRAY['01J0000000000000000000000{item}'], ARRAY[NULL]::text[],
+                                 ARRAY[false], ARRAY['sent'], ARRAY['250 ok'], 'w{item}')"
+            );
+            (conn, execute)
+        }
+    };
+    let (mut first, first_sql) = record(1).await;
+    let (mut second, second_sql) = record(2).await;
+    let second_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *second)
+        .await
+        .expect("pid");
+    sqlx::raw_sql("BEGIN")
+        .execute(&mut *first)
+        .await
+        .expect("begin");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(first_sql))
+        .execute(&mut *first)
+        .await
+        .expect("the first item recorded, its transaction open");
+    let waiting = tokio::spawn(async move {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(second_sql))
+            .execute(&mut *second)
+            .await
+            .expect("the second item recorded");
+    });
+    eventually("the second writer waits for the batch row", || async {
+        let lock: Option<String> =
+            sqlx::query_scalar("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1")
+                .bind(second_pid)
+                .fetch_one(&app.pool)
+                .await
+                .expect("activity");
+        (lock.as_deref() == Some("Lock")).then_some(())
+    })
+    .await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut *first)
+        .await
+        .expect("commit");
+    waiting.await.expect("the second writer ends");
+
+    let events: Vec<Value> =
+        sqlx::query_scalar("SELECT payload FROM webhook_events WHERE type = 'batch.completed'")
+            .fetch_all(&app.pool)
+            .await
+            .expect("events");
+    assert_eq!(events.len(), 1, "exactly one batch.completed: {events:?}");
+    assert_eq!(events[0]["data"]["counts"]["sent"], 2, "{}", events[0]);
+    assert_eq!(events[0]["data"]["counts"]["pending"], 0, "{}", events[0]);
+    let deliveries: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries")
+        .fetch_one(&app.pool)
+        .await
+        .expect("deliveries");
+    assert_eq!(deliveries, 1);
 }
 
 #[tokio::test]

@@ -3,7 +3,9 @@
 -- that held them died). At most $2 are in flight to one endpoint, counting live claims
 -- of every process, and endpoints take turns (each one's first due delivery, then each
 -- one's second, …), so one slow endpoint cannot hold every slot. Rows another process
--- is claiming are skipped, not waited for.
+-- is claiming are skipped, not waited for. A delivery whose endpoint was disabled
+-- meanwhile (410 Gone while it was in flight elsewhere) comes back marked `disabled`:
+-- it is recorded as failed, never sent.
 WITH busy AS (
    SELECT endpoint_id, count(*) AS n FROM webhook_deliveries
     WHERE status = 'sending' AND locked_until > now()
@@ -33,7 +35,7 @@ claimed AS (
     WHERE d.id = locked.id
    RETURNING d.id, d.event_id, d.endpoint_id, d.attempts)
 SELECT c.id, c.event_id, c.endpoint_id, c.attempts AS attempt, e.payload::text AS body,
-       w.url, w.secret
+       w.url, w.secret, w.disabled_at IS NOT NULL AS disabled
   FROM claimed c
   JOIN webhook_events e ON e.id = c.event_id
   JOIN webhook_endpoints w ON w.id = c.endpoint_id

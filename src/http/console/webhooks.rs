@@ -53,7 +53,9 @@ struct EndpointLine {
 }
 
 impl EndpointLine {
-    fn of(e: Endpoint, pending: i64, failed: i64) -> Self {
+    /// `full_url` for operators; viewers see the scheme and host only, as logs do (a
+    /// receiver may put a token in the rest of its URL).
+    fn of(e: Endpoint, pending: i64, failed: i64, full_url: bool) -> Self {
         let state = match (&e.disabled_at, &e.disabled_reason) {
             (None, _) => "enabled".to_owned(),
             (Some(at), reason) => format!(
@@ -64,7 +66,12 @@ impl EndpointLine {
         };
         EndpointLine {
             id: e.id,
-            url: e.url,
+            url: if full_url {
+                e.url
+            } else {
+                let scheme = e.url.split_once("://").map_or("https", |(s, _)| s);
+                format!("{scheme}://{}/…", webhooks::host_of(&e.url))
+            },
             description: if e.description.is_empty() {
                 e.id.to_string()
             } else {
@@ -99,6 +106,7 @@ pub(super) async fn list(
 ) -> Result<Response, Failure> {
     let endpoints = webhooks::list(&state.pool).await?;
     let counts = webhooks::delivery_counts(&state.pool).await?;
+    let header = signed_in.header();
     let endpoints = endpoints
         .into_iter()
         .map(|e| {
@@ -106,13 +114,10 @@ pub(super) async fn list(
                 .iter()
                 .find(|c| c.0 == e.id)
                 .map_or((0, 0), |c| (c.1, c.2));
-            EndpointLine::of(e, pending, failed)
+            EndpointLine::of(e, pending, failed, header.can_act)
         })
         .collect();
-    Ok(page(&ListPage {
-        header: signed_in.header(),
-        endpoints,
-    }))
+    Ok(page(&ListPage { header, endpoints }))
 }
 
 struct DeliveryLine {
@@ -156,6 +161,7 @@ pub(super) async fn endpoint(
         .await?
         .ok_or(Failure::NotFound)?;
     let header = signed_in.header();
+    let can_act = header.can_act;
     let deliveries = deliveries
         .into_iter()
         .map(|d| DeliveryLine {
@@ -179,7 +185,7 @@ pub(super) async fn endpoint(
         .collect();
     Ok(page(&EndpointPage {
         header,
-        endpoint: EndpointLine::of(endpoint, 0, 0),
+        endpoint: EndpointLine::of(endpoint, 0, 0, can_act),
         notice: notice(&q),
         statuses: DeliveryStatus::ALL
             .iter()
