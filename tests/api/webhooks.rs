@@ -456,6 +456,41 @@ async fn events_are_signed_so_an_independent_verifier_accepts_them_and_rejects_t
         && d["attempts_made"][0]["status_code"] == 200));
 }
 
+/// A rotation takes effect at once: the next attempt is signed with the new secret,
+/// and the old one no longer verifies it.
+#[tokio::test]
+async fn after_a_rotation_events_are_signed_with_the_new_secret() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start([]).await;
+    let (webhook, old_secret) = app
+        .create_webhook(&receiver.url(), &["batch.completed"])
+        .await;
+    app.open_job("job-rot").await;
+    let first = app.create_batch("job-rot", candidates("ro", 1)).await;
+    app.wait_until_completed(&first).await;
+    let got = receiver
+        .wait_for("the first event", |g| !g.is_empty())
+        .await;
+    verify_independently(&old_secret, &got[0]).expect("signed with the first secret");
+
+    let r = app
+        .post_empty(&format!("/v1/webhooks/{webhook}/rotate-secret"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let rotated: Value = r.json().await.expect("json");
+    let new_secret = rotated["secret"].as_str().expect("secret").to_owned();
+    let second = app.create_batch("job-rot", candidates("rn", 1)).await;
+    app.wait_until_completed(&second).await;
+    let got = receiver
+        .wait_for("the second event", |g| g.len() >= 2)
+        .await;
+    verify_independently(&new_secret, &got[1]).expect("signed with the new secret");
+    assert!(
+        verify_independently(&old_secret, &got[1]).is_err(),
+        "the old secret no longer verifies"
+    );
+}
+
 #[tokio::test]
 async fn a_receiver_down_answering_500_or_hanging_gets_the_event_later_with_the_same_id() {
     let app = spawn_app().await;
