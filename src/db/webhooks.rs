@@ -490,6 +490,8 @@ pub enum Recorded {
     Failed,
     /// 410 Gone: the delivery failed and the endpoint is disabled.
     EndpointDisabled,
+    /// The endpoint had been disabled (another delivery got 410): failed, not retried.
+    EndpointWasDisabled,
     /// The claim was no longer ours (its lease ran out and another process took it):
     /// nothing was written.
     Stale,
@@ -559,8 +561,10 @@ pub async fn record_attempt(
     .await?;
     let outcome = match updated {
         None => return Ok(Recorded::Stale),
-        Some(DeliveryStatus::Failed) if matches!(outcome, Recorded::RetryAfter(_)) => {
-            Recorded::Failed
+        Some(DeliveryStatus::Failed)
+            if claimed.disabled || matches!(outcome, Recorded::RetryAfter(_)) =>
+        {
+            Recorded::EndpointWasDisabled
         }
         Some(_) => outcome,
     };

@@ -188,6 +188,11 @@ async fn deliver(
             tracing::warn!(%event, %endpoint, %host, attempt, error,
                 "webhook delivery failed: its retry schedule is used up");
         }
+        Ok(Recorded::EndpointWasDisabled) => {
+            metrics::counter!("webhook_deliveries_total", "outcome" => "failed").increment(1);
+            tracing::warn!(%event, %endpoint, %host, attempt, error,
+                "webhook delivery failed: its endpoint was disabled meanwhile");
+        }
         Ok(Recorded::EndpointDisabled) => {
             metrics::counter!("webhook_deliveries_total", "outcome" => "gone").increment(1);
             tracing::warn!(%event, %endpoint, %host, "the endpoint answered 410 Gone: disabled");
