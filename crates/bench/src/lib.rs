@@ -188,8 +188,11 @@ pub async fn run(settings: Settings, args: BenchArgs, exe: PathBuf) -> anyhow::R
     print!("{}", report::table(&results));
     print!("{}", report::sessions(&results.sustained.db_sessions));
     print!("{}", report::tables(&results.sustained.tables));
-    print!("{}", report::phase_table(&results.sustained.phases));
-    println!("{}", report::cpu(&results.sustained.cpu));
+    print!("{}", report::phase_table("3", &results.sustained.phases));
+    println!("{}", report::cpu("3", &results.sustained.cpu));
+    let third = &results.third_party.sustained;
+    print!("{}", report::phase_table("3b", &third.phases));
+    println!("{}", report::cpu("3b", &third.cpu));
     println!(
         "run took {:.0} s; service: {} WARN / {} ERROR log lines",
         results.wall_secs, results.service.log_warnings, results.service.log_errors

@@ -180,11 +180,11 @@ pub fn phases(before: &str, after: &str) -> Vec<Phase> {
         .collect()
 }
 
-pub fn phase_table(phases: &[Phase]) -> String {
-    let mut out = String::from(
-        "where the time went during 3 (means, from the service's /metrics):
-",
-    );
+/// Where an invite's time went during phase `label` (`3`, or `3b` against the
+/// third-party server).
+pub fn phase_table(label: &str, phases: &[Phase]) -> String {
+    let mut out =
+        format!("where the time went during {label} (means, from the service's /metrics):\n");
     for p in phases {
         let (value, unit) = if p.metric.starts_with("group_write_size") {
             (p.mean, "requests")
@@ -535,9 +535,9 @@ pub fn tables(t: &[TableScans]) -> String {
     out
 }
 
-pub fn cpu(c: &Cpu) -> String {
+pub fn cpu(label: &str, c: &Cpu) -> String {
     format!(
-        "CPU during 3 ({:.1} s wall, {:.1} CPU-s available): service {:.1} s, its PostgreSQL \
+        "CPU during {label} ({:.1} s wall, {:.1} CPU-s available): service {:.1} s, its PostgreSQL \
          backends {:.1} s, bench (clients + SMTP sink) {:.1} s, everything else {:.1} s, idle {:.1} s",
         c.wall_secs,
         c.available_secs,
