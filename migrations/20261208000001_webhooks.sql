@@ -176,26 +176,24 @@ $$;
 
 -- Fan-out: every new event gets one delivery per enabled endpoint subscribed to its
 -- type, in the inserting statement (and so in its transaction), and the delivery loops
--- are woken when it commits.
+-- are woken when it commits (notifications repeated in one transaction are sent once).
+-- A row trigger, so that a statement writing no event (most outcome groups) fires
+-- nothing.
 CREATE FUNCTION webhook_fan_out() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    n integer;
 BEGIN
     INSERT INTO webhook_deliveries (event_id, endpoint_id, next_attempt_at)
-    SELECT e.id, w.id, now()
-      FROM new_events e
-      JOIN webhook_endpoints w ON w.disabled_at IS NULL AND e.type = ANY(w.events);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
+    SELECT NEW.id, w.id, now()
+      FROM webhook_endpoints w
+     WHERE w.disabled_at IS NULL AND NEW.type = ANY(w.events);
+    IF FOUND THEN
         PERFORM pg_notify('webhook_deliveries', '');
     END IF;
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER webhook_events_fan_out AFTER INSERT ON webhook_events
-    REFERENCING NEW TABLE AS new_events
-    FOR EACH STATEMENT EXECUTE FUNCTION webhook_fan_out();
+    FOR EACH ROW EXECUTE FUNCTION webhook_fan_out();
 
 -- Writes one event of `kind` about `data` if anyone subscribes to it; its id, or null.
 CREATE FUNCTION webhook_emit(kind text, data jsonb) RETURNS text

@@ -86,7 +86,12 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
         let mut scans = Vec::new();
         table_scans(&plan[0]["Plan"], &mut scans);
         assert!(!scans.is_empty(), "{name}: no table scans found in {plan}");
-        let unbounded: Vec<_> = scans.iter().filter(|(_, _, cond)| !cond).collect();
+        // The few rows of webhook_endpoints are read whole, by event type (bounded by
+        // `webhooks.max_endpoints`).
+        let unbounded: Vec<_> = scans
+            .iter()
+            .filter(|(_, relation, cond)| !cond && relation != "webhook_endpoints")
+            .collect();
         assert!(
             unbounded.is_empty(),
             "{name}: scans without an index condition {unbounded:?} in {plan:#}"
@@ -154,8 +159,8 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
     }
 
     // Phase 3 run for real, the item failing and its batch completing, with an endpoint
-    // subscribed to both events: every statement it runs, the webhook functions' nested
-    // ones included. `webhook_endpoints` is the one table read without an index (there
+    // subscribed to both events: every statement it runs, the fan-out trigger's nested
+    // one included. `webhook_endpoints` is the one table read without an index (there
     // are few endpoints, and the lookup is by event type). Such a scan costs the
     // planner's penalty on this connection, far above JIT's thresholds: no plan may be
     // compiled, since that costs tens of milliseconds for microseconds of work.
@@ -209,7 +214,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
         .count();
     assert!(
         nested > 0,
-        "the webhook functions' statements were seen: {plans:#?}"
+        "the fan-out trigger's statement was seen: {plans:#?}"
     );
     for plan in &plans {
         assert!(

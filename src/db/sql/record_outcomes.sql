@@ -3,7 +3,8 @@
 -- expiry starts now; ended otherwise: revoked), each batch's tally and warnings (batch
 -- rows locked in id order, after every item), each attempt's row in the history, and
 -- every task of the group ($9) is marked Done, and the webhook events of failed items
--- and completed batches are written (their deliveries by the trigger on webhook_events). Every table is reached through an index
+-- and completed batches are written (their deliveries by the trigger on webhook_events).
+-- Every table but the few rows of webhook_endpoints is reached through an index
 -- condition on keys given or computed first.
 --
 -- $1..$8, $10..$13 per outcome: item id, task id, status, reason, last error, retry's
@@ -92,7 +93,9 @@ events AS (
             WHERE failed_item IS NOT NULL
            UNION ALL
            SELECT 'batch.completed', completed FROM tally WHERE completed IS NOT NULL) e
-    WHERE webhook_subscribed(e.kind)),
+    WHERE EXISTS (SELECT 1 FROM webhook_endpoints w    -- webhook_subscribed(), inlined:
+                   WHERE w.disabled_at IS NULL          -- planned once with the statement
+                     AND e.kind = ANY(w.events))),
 suppressed AS (
    INSERT INTO suppressions (email, reply, item_id)
    SELECT DISTINCT ON (lower(btrim(t.suppress))) lower(btrim(t.suppress)),
