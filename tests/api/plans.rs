@@ -36,6 +36,15 @@ fn table_scans(plan: &Value, out: &mut Vec<(String, String, bool)>) {
     }
 }
 
+/// The scans in `scans` without an index condition, except of `webhook_endpoints`: its
+/// few rows (at most `webhooks.max_endpoints`) are read whole, by event type.
+fn unbounded(scans: &[(String, String, bool)]) -> Vec<&(String, String, bool)> {
+    scans
+        .iter()
+        .filter(|(_, relation, cond)| !cond && relation != "webhook_endpoints")
+        .collect()
+}
+
 #[tokio::test]
 async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_condition() {
     let app = prepare_app_with(|_| {}).await;
@@ -86,12 +95,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
         let mut scans = Vec::new();
         table_scans(&plan[0]["Plan"], &mut scans);
         assert!(!scans.is_empty(), "{name}: no table scans found in {plan}");
-        // The few rows of webhook_endpoints are read whole, by event type (bounded by
-        // `webhooks.max_endpoints`).
-        let unbounded: Vec<_> = scans
-            .iter()
-            .filter(|(_, relation, cond)| !cond && relation != "webhook_endpoints")
-            .collect();
+        let unbounded = unbounded(&scans);
         assert!(
             unbounded.is_empty(),
             "{name}: scans without an index condition {unbounded:?} in {plan:#}"
@@ -128,14 +132,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
         decision, "send",
         "the whole path ran: lock, pair lock, mint, count"
     );
-    let plans: Vec<Value> = notices
-        .take()
-        .iter()
-        .filter_map(|n| {
-            n.find('{')
-                .and_then(|at| serde_json::from_str(&n[at..]).ok())
-        })
-        .collect();
+    let plans = notices.plans();
     let mut relations = BTreeSet::new();
     for plan in plans.iter().filter(|p| {
         p["Query Text"]
@@ -144,7 +141,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
     }) {
         let mut scans = Vec::new();
         table_scans(&plan["Plan"], &mut scans);
-        let unbounded: Vec<_> = scans.iter().filter(|(_, _, cond)| !cond).collect();
+        let unbounded = unbounded(&scans);
         assert!(
             unbounded.is_empty(),
             "prepare_items: scans without an index condition {unbounded:?} in {plan:#}"
@@ -196,14 +193,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
         ["batch.completed", "item.failed"],
         "both events, delivered"
     );
-    let plans: Vec<Value> = notices
-        .take()
-        .iter()
-        .filter_map(|n| {
-            n.find('{')
-                .and_then(|at| serde_json::from_str(&n[at..]).ok())
-        })
-        .collect();
+    let plans = notices.plans();
     let nested = plans
         .iter()
         .filter(|p| {
@@ -223,10 +213,7 @@ async fn on_tiny_tables_the_writers_plans_reach_every_table_through_an_index_con
         );
         let mut scans = Vec::new();
         table_scans(&plan["Plan"], &mut scans);
-        let unbounded: Vec<_> = scans
-            .iter()
-            .filter(|(_, relation, cond)| !cond && relation != "webhook_endpoints")
-            .collect();
+        let unbounded = unbounded(&scans);
         assert!(
             unbounded.is_empty(),
             "record_outcomes: scans without an index condition {unbounded:?} in {plan:#}"
@@ -241,6 +228,17 @@ struct Notices(Arc<Mutex<Vec<String>>>);
 impl Notices {
     fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.0.lock().expect("notices"))
+    }
+
+    /// The plans `auto_explain` sent (JSON after its prefix) since the last call.
+    fn plans(&self) -> Vec<Value> {
+        self.take()
+            .iter()
+            .filter_map(|n| {
+                n.find('{')
+                    .and_then(|at| serde_json::from_str(&n[at..]).ok())
+            })
+            .collect()
     }
 }
 
